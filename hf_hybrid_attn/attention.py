@@ -1,0 +1,168 @@
+"""The `hybrid_linear_swa` attention function registered with transformers.
+
+transformers calls `hybrid_attention_forward(module, q, k, v, attention_mask, scaling=..., **kw)`
+with q [B, H, Tq, D] and k/v [B, Hkv, Tk, D] after RoPE and the cache update. This function
+turns the 4-D mask into key validity, finds the layer's cache (captured by a pre-hook, since
+transformers does not pass the cache to attention functions), and hands over to
+`module.hybrid` (a `HybridMixer`). Layers that were not converted run exact softmax (sdpa).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from .cache import HybridCacheLayer
+
+ATTN_IMPLEMENTATION = "hybrid_linear_swa"
+
+
+def mask_to_key_valid(attention_mask: torch.Tensor | None, batch: int, q_len: int, kv_len: int, device) -> torch.Tensor:
+    """Key validity [B, Tk] from transformers' 4-D mask (bool: True = attend; or additive float).
+
+    The hybrid layer supports causal attention with padding only; any other mask (e.g. packed
+    sequences) is refused rather than silently mis-handled."""
+    if attention_mask is None:
+        return torch.ones(batch, kv_len, dtype=torch.bool, device=device)
+    if attention_mask.dim() != 4:
+        raise ValueError(
+            f"attention_mask: expected the 4-D mask built by transformers, got shape {tuple(attention_mask.shape)}"
+        )
+    allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask > torch.finfo(attention_mask.dtype).min / 2
+    if allowed.shape[-1] > kv_len:  # mask built for a longer (full-history) layer: keep our span
+        allowed = allowed[..., -kv_len:]
+    if allowed.shape[-1] != kv_len or allowed.shape[-2] != q_len:
+        raise ValueError(
+            f"attention_mask: expected shape [B, 1, {q_len}, >= {kv_len}], got {tuple(attention_mask.shape)}"
+        )
+    allowed = allowed[:, 0].expand(batch, q_len, kv_len)
+    key_valid = allowed[:, -1, :]  # the last query sees every earlier key: its row is the padding
+    qpos = torch.arange(kv_len - q_len, kv_len, device=device)
+    causal = qpos[:, None] >= torch.arange(kv_len, device=device)[None, :]
+    expected = causal[None] & key_valid[:, None, :]
+    # A row that should see nothing (a left-padded query) may come back all-True from older
+    # transformers' "torch fix" of fully masked rows; every other row must be exactly causal+padding.
+    empty_row = ~expected.any(-1)
+    row_ok = (allowed == expected).all(-1) | (empty_row & allowed.all(-1))
+    if not bool(row_ok.all()):
+        raise ValueError(
+            "attention_mask: attn_implementation='hybrid_linear_swa' supports causal masks with padding "
+            "only (the linear state cannot follow arbitrary masks such as packed sequences); pad the batch "
+            "instead of packing it"
+        )
+    return key_valid
+
+
+def _check_inputs(module, query, key, value) -> None:
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        raise ValueError("hybrid_linear_swa: query/key/value must be 4-D [batch, heads, seq, head_dim]")
+    if not (query.dtype == key.dtype == value.dtype):
+        raise ValueError(
+            f"hybrid_linear_swa: query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}"
+        )
+    if not (query.device == key.device == value.device):
+        raise ValueError(
+            f"hybrid_linear_swa: query, key and value must be on one device, got {query.device}, {key.device}, {value.device}"
+        )
+
+
+def get_cache_layer(module):
+    cache = getattr(module, "_hybrid_past_key_values", None)
+    if cache is None:
+        return None
+    layers = getattr(cache, "layers", None)
+    if layers is None:  # e.g. an EncoderDecoderCache or an unknown object
+        layers = getattr(getattr(cache, "self_attention_cache", None), "layers", None)
+    if layers is None or module.layer_idx >= len(layers):
+        return None
+    return layers[module.layer_idx]
+
+
+def hybrid_forward(module, q, k, v, key_valid, mode: str | None = None, return_stats: bool = False, cache_layer=None):
+    """Hybrid output [B, H, Tq, D] of a converted attention module (no cache by default)."""
+    return module.hybrid(q, k, v, key_valid, module.scaling, cache_layer=cache_layer, mode=mode, return_stats=return_stats)
+
+
+def hybrid_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+):
+    if kwargs.get("cache") is not None or kwargs.get("paged_attention_cache") is not None:
+        raise ValueError(
+            "hybrid_linear_swa does not support paged attention / continuous batching (`cache=` was passed): "
+            "its recurrent state is per sequence; use model.generate() with the default HybridCache"
+        )
+    hybrid = getattr(module, "hybrid", None)
+    if hybrid is None:  # a layer left unconverted: exact softmax
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    _check_inputs(module, query, key, value)
+    scaling = module.scaling if scaling is None else scaling
+    B, _, Tq, _ = query.shape
+    Tk = key.shape[2]
+    if Tk < Tq:
+        raise ValueError(f"hybrid_linear_swa: key length {Tk} is shorter than query length {Tq}")
+    key_valid = mask_to_key_valid(attention_mask, B, Tq, Tk, query.device)
+
+    hook = _active_mixer_attr(hybrid, "transfer_hook")
+    if hook is not None:
+        return hook(module, query, key, value, key_valid, scaling), None
+
+    layer = get_cache_layer(module)
+    cache_layer = None
+    if isinstance(layer, HybridCacheLayer):
+        cache_layer = layer
+    elif layer is not None:
+        _check_full_history_layer(layer, Tk)
+    y = module.hybrid(query, key, value, key_valid, scaling, cache_layer=cache_layer)
+    return y.transpose(1, 2).contiguous(), None
+
+
+def _active_mixer_attr(hybrid, name):
+    """Read a run-time attribute from the mixer that will actually run (PEFT may wrap it)."""
+    if hasattr(hybrid, "active_adapters") and hasattr(hybrid, "modules_to_save"):  # ModulesToSaveWrapper
+        adapters = hybrid.active_adapters
+        if adapters and not getattr(hybrid, "disable_adapters", False) and adapters[0] in hybrid.modules_to_save:
+            return getattr(hybrid.modules_to_save[adapters[0]], name)
+        return getattr(hybrid.original_module, name)
+    return getattr(hybrid, name)
+
+
+def _check_full_history_layer(layer, Tk: int) -> None:
+    """With a cache layer that is not ours, k/v must be the whole history (exact full path)."""
+    if getattr(layer, "is_sliding", False) or type(layer).__name__ in ("StaticLayer", "StaticSlidingWindowLayer"):
+        raise ValueError(
+            f"hybrid_linear_swa: cache layer {type(layer).__name__} does not keep the full history in order; "
+            "use the default HybridCache (generate() creates it) or a DynamicCache without sliding windows. "
+            "Static caches / torch.compile are not supported yet."
+        )
+    seen = layer.get_seq_length()
+    if seen and seen != Tk:
+        raise ValueError(
+            f"hybrid_linear_swa: cache layer {type(layer).__name__} holds {seen} tokens but returned {Tk} keys"
+        )
+
+
+def _capture_cache_pre_hook(module, args, kwargs):
+    module._hybrid_past_key_values = kwargs.get("past_key_values", kwargs.get("past_key_value"))
+    return None
+
+
+def _release_cache_hook(module, args, kwargs, output):
+    module._hybrid_past_key_values = None
+    return None
+
+
+def install_cache_hooks(attn_module: torch.nn.Module) -> None:
+    """Let the attention function see the cache object (transformers does not pass it)."""
+    if getattr(attn_module, "_hybrid_hooks_installed", False):
+        return
+    attn_module.register_forward_pre_hook(_capture_cache_pre_hook, with_kwargs=True)
+    attn_module.register_forward_hook(_release_cache_hook, with_kwargs=True, always_call=True)
+    attn_module._hybrid_hooks_installed = True
+    attn_module._hybrid_past_key_values = None

@@ -1,0 +1,187 @@
+"""`HybridCache`: constant-memory generation cache (SPEC §2, "Cache").
+
+Per layer it keeps
+  - the last w-1 raw keys/values (and their validity) for the softmax window,
+  - the fp32 recurrent state S = sum phi_k v^T and z = sum phi_k over every older token,
+  - the first `num_sinks` valid keys/values, for the `sinks_only` diagnostic mode.
+
+`update()` returns (window buffer + new tokens); the hybrid layer attends over them with the state
+as prefix, then calls `advance()`, which folds every token that left the window into (S, z) and
+keeps the last w-1. The next query's window is exactly the w-1 kept tokens plus itself, and its
+linear part is exactly the state: the same W(i) / L(i) as the uncached forward. Memory per
+sequence does not grow with the generated length.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
+
+from .layers import first_valid
+
+
+class HybridCacheLayer(CacheLayerMixin):
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.keys: torch.Tensor | None = None  # [B, Hkv, n<=w-1, D]
+        self.values: torch.Tensor | None = None
+        self.valid: torch.Tensor | None = None  # [B, n]
+        self.state: tuple[torch.Tensor, torch.Tensor] | None = None  # S [B,H,F,D], z [B,H,F] fp32
+        self.sinks: tuple[torch.Tensor, ...] | None = None  # k, v, positions [B,S], valid [B,S]
+        self.cumulative_length = 0
+        self._pending = 0  # tokens returned by update() and not yet advanced
+
+    # -- transformers' cache-layer interface -----------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self._pending:
+            raise RuntimeError(
+                "HybridCache was updated twice without the hybrid attention advancing it: this cache only "
+                "works with layers converted by hf_hybrid_attn and attn_implementation='hybrid_linear_swa'"
+            )
+        self._pending = key_states.shape[2]
+        self.cumulative_length += key_states.shape[2]
+        if self.keys is None:
+            return key_states, value_states
+        return torch.cat([self.keys, key_states], 2), torch.cat([self.values, value_states], 2)
+
+    def get_mask_sizes(self, query_length: int, *args, **kwargs) -> tuple[int, int]:
+        stored = 0 if self.keys is None else self.keys.shape[2]
+        return stored + query_length, self.cumulative_length - stored
+
+    def get_seq_length(self, *args, **kwargs) -> int:
+        return self.cumulative_length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.keys = self.values = self.valid = None
+        self.state = self.sinks = None
+        self.cumulative_length = 0
+        self._pending = 0
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        def sel(x):
+            return None if x is None else x.index_select(0, beam_idx.to(x.device))
+
+        self.keys, self.values, self.valid = sel(self.keys), sel(self.values), sel(self.valid)
+        if self.state is not None:
+            self.state = tuple(sel(s) for s in self.state)
+        if self.sinks is not None:
+            self.sinks = tuple(sel(s) for s in self.sinks)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        def rep(x):
+            return None if x is None else x.repeat_interleave(repeats, dim=0)
+
+        self.keys, self.values, self.valid = rep(self.keys), rep(self.values), rep(self.valid)
+        if self.state is not None:
+            self.state = tuple(rep(s) for s in self.state)
+        if self.sinks is not None:
+            self.sinks = tuple(rep(s) for s in self.sinks)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.reorder_cache(indices)
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError(
+            "HybridCache cannot be cropped: its recurrent state cannot be rolled back, so assisted / "
+            "speculative decoding is not supported for hybrid models"
+        )
+
+    def offload(self):
+        pass
+
+    def prefetch(self):
+        pass
+
+    # -- used by the hybrid layer ------------------------------------------------------------------
+    def linear_state(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return self.state
+
+    def seen_tokens_before(self, query_length: int) -> int:
+        """Absolute position of the first token returned by the last update()."""
+        stored = 0 if self.keys is None else self.keys.shape[2]
+        return self.cumulative_length - query_length - stored
+
+    @torch.no_grad()
+    def advance(self, k, v, phi_k, key_valid, window: int, num_sinks: int) -> None:
+        """Fold all but the last w-1 of (buffer + new tokens) into the state; keep the rest."""
+        if not self._pending:
+            raise RuntimeError("HybridCacheLayer.advance() called without a preceding update()")
+        new = self._pending
+        offset = self.seen_tokens_before(new)
+        Tk = k.shape[2]
+        keep = min(window - 1, Tk)
+        fold = Tk - keep
+        if fold > 0:
+            fk = phi_k[:, :, :fold].float() * key_valid[:, None, :fold, None].float()
+            vv = v[:, :, :fold].float()
+            groups = fk.shape[1] // vv.shape[1]
+            if groups > 1:
+                vv = vv.repeat_interleave(groups, dim=1)
+            S, z = fk.transpose(-1, -2) @ vv, fk.sum(2)
+            if self.state is not None:
+                S, z = S + self.state[0], z + self.state[1]
+            self.state = (S, z)
+        self.keys, self.values = k[:, :, fold:].detach(), v[:, :, fold:].detach()
+        self.valid = key_valid[:, fold:]
+        self._advance_sinks(k, v, key_valid, Tk - new, offset, num_sinks)
+        self._pending = 0
+
+    def _advance_sinks(self, k, v, key_valid, n_old, offset, num_sinks):
+        new_valid = key_valid[:, n_old:]
+        idx, idx_valid = first_valid(new_valid, num_sinks)
+        gather = idx[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1]) + n_old
+        sk, sv, spos = k.gather(2, gather), v.gather(2, gather), idx + offset + n_old
+        if self.sinks is not None:
+            ck, cv, cpos, cvalid = self.sinks
+            sk, sv = torch.cat([ck, sk], 2), torch.cat([cv, sv], 2)
+            spos, idx_valid = torch.cat([cpos, spos], 1), torch.cat([cvalid, idx_valid], 1)
+        keep, keep_valid = first_valid(idx_valid, num_sinks)
+        g = keep[:, None, :, None].expand(-1, sk.shape[1], -1, sk.shape[-1])
+        self.sinks = (sk.gather(2, g), sv.gather(2, g), spos.gather(1, keep), keep_valid)
+
+
+class HybridCache(Cache):
+    """A `Cache` of `HybridCacheLayer`s; `generate()` builds one by default for hybrid models."""
+
+    def __init__(self, config=None, num_layers: int | None = None, hybrid_layers: list[int] | None = None, **kwargs):
+        """Layers listed in `hybrid_layers` (default: config.hybrid["layers"], None = all) get a
+        `HybridCacheLayer`; unconverted softmax layers get a full `DynamicLayer`."""
+        if num_layers is None:
+            if config is None:
+                raise ValueError("HybridCache needs `config` or `num_layers`")
+            num_layers = config.get_text_config(decoder=True).num_hidden_layers
+        if hybrid_layers is None and config is not None and isinstance(getattr(config, "hybrid", None), dict):
+            hybrid_layers = config.hybrid.get("layers")
+        hybrid_set = set(range(num_layers)) if hybrid_layers is None else set(hybrid_layers)
+        layers = [HybridCacheLayer() if i in hybrid_set else DynamicLayer() for i in range(num_layers)]
+        if len(hybrid_set) < num_layers:
+            # transformers builds one mask, for the first "full" layer: make that a DynamicLayer (whole
+            # history) so the hybrid layers can take the tail of it that covers their window buffer.
+            for layer in layers:
+                if isinstance(layer, HybridCacheLayer):
+                    layer.is_sliding = True
+        super().__init__(layers=layers)
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the cache tensors (constant in the generated length)."""
+        total = 0
+        for layer in self.layers:
+            if not isinstance(layer, HybridCacheLayer):
+                total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if t is not None)
+                continue
+            for t in (layer.keys, layer.values, layer.valid, *(layer.state or ()), *(layer.sinks or ())):
+                if t is not None:
+                    total += t.numel() * t.element_size()
+        return total

@@ -1,0 +1,138 @@
+"""`hf-hybrid`: command-line entry point.
+
+  hf-hybrid demo      convert the SmolLM2 teacher (or --model DIR) and print component diagnostics
+  hf-hybrid generate  generate from a converted model in a chosen component mode
+  hf-hybrid info      show a converted checkpoint's hybrid config
+  hf-hybrid convert   train a conversion with a recipe (hf_hybrid_attn.training)
+  hf-hybrid diagnose  the full component diagnostics (hf_hybrid_attn.diagnostics)
+  hf-hybrid push      push a converted model or adapter with its card (hf_hybrid_attn.hub)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+SUBCOMMAND_MODULES = {
+    # name: (module, add-subparser function, run function)
+    "convert": ("hf_hybrid_attn.training.cli", "add_convert_subparser", "run_convert"),
+    "diagnose": ("hf_hybrid_attn.diagnostics", "add_diagnose_subparser", "run_diagnose"),
+    "push": ("hf_hybrid_attn.hub", "add_push_subparser", "run_push"),
+}
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2", help="'smollm2' (the offline teacher) or a model directory")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="convert SmolLM2 (default) and print its component diagnostics")
+    _add_model_args(p)
+    p.add_argument("--window", type=int, default=64)
+    p.add_argument("--feature-map", default="hedgehog")
+    p.add_argument("--feature-dim", type=int, default=64)
+    p.add_argument("--limit", type=int, default=10, help="items per task (the full splits: --limit 0)")
+    p.add_argument("--tasks", default="piqa,arc_easy,hellaswag", help="comma-separated tasks ('' for none)")
+    p.add_argument("--ppl-blocks", type=int, default=2, help="512-token blocks of held-out prose for perplexity")
+    p.add_argument("--probe-distances", type=int, nargs="*", default=[256], help="passkey distances (tokens)")
+    p.add_argument("--probe-items", type=int, default=4)
+    p.add_argument("--out", default="runs/demo", help="write JSON/Markdown/PNG reports here")
+    p.set_defaults(func=lambda a: _demo(a))
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text in a component mode")
+    _add_model_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--mode", default="hybrid")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.set_defaults(func=lambda a: _generate(a))
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="print a converted checkpoint's hybrid config")
+    p.add_argument("model")
+    p.set_defaults(func=lambda a: _info(a))
+
+
+def load_model(name: str, dtype: str = "float32"):
+    """'smollm2' -> the offline teacher; otherwise a directory saved with save_pretrained."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = getattr(torch, dtype)
+    if name == "smollm2":
+        from .assets import load_teacher
+
+        return load_teacher(dtype=torch_dtype)
+    if not os.path.isdir(name):
+        raise SystemExit(f"--model: {name!r} is neither 'smollm2' nor an existing model directory")
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
+    tok = AutoTokenizer.from_pretrained(name)
+    return model.eval(), tok
+
+
+def _generate(args) -> int:
+    import hf_hybrid_attn as hha
+
+    model, tok = load_model(args.model, args.dtype)
+    if not hasattr(model.config, "hybrid"):
+        raise SystemExit(f"--model: {args.model!r} is not a converted hybrid model (run hf-hybrid convert first)")
+    enc = tok(args.prompt, return_tensors="pt")
+    with hha.component_mode(model, args.mode):
+        out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=False)
+    print(tok.decode(out[0, enc.input_ids.shape[1] :], skip_special_tokens=True))
+    return 0
+
+
+def _info(args) -> int:
+    path = os.path.join(args.model, "config.json")
+    if not os.path.isfile(path):
+        raise SystemExit(f"model: no config.json in {args.model!r}")
+    with open(path) as f:
+        cfg = json.load(f)
+    if "hybrid" not in cfg:
+        raise SystemExit(f"model: {args.model!r} is not a converted hybrid checkpoint (no 'hybrid' in config.json)")
+    print(json.dumps({"model_type": cfg.get("model_type"), "hybrid": cfg["hybrid"]}, indent=2))
+    return 0
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    if args.limit is not None and args.limit < 0:
+        raise SystemExit(f"--limit: expected an integer >= 0, got {args.limit}")
+    args.limit = args.limit or None
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    parser = argparse.ArgumentParser(prog="hf-hybrid", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_demo(sub)
+    _add_generate(sub)
+    _add_info(sub)
+    for name, (mod_name, add_fn, run_fn) in SUBCOMMAND_MODULES.items():
+        mod = importlib.import_module(mod_name)
+        before = set(sub.choices)
+        getattr(mod, add_fn)(sub)
+        run = getattr(mod, run_fn)
+        for new in set(sub.choices) - before:
+            sub.choices[new].set_defaults(func=run)
+        if name not in sub.choices:
+            raise RuntimeError(f"{mod_name}.{add_fn} did not add the '{name}' subcommand")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""An independent log-likelihood scorer for multiple-choice tasks (lm-eval's conventions, own code).
+
+    scorer = LoglikelihoodScorer(model, tokenizer, batch_size=16)
+    result = evaluate_task(scorer, "piqa", limit=200)        # {"acc": ..., "acc_norm": ..., "n": 200, ...}
+
+Tokenisation follows lm-eval's HFLM for causal models, so both tools score identical token ids:
+- trailing spaces of the context move to the continuation;
+- `whole = tok(context + continuation)`, `ctx = tok(context)`, `cont = whole[len(ctx):]`, with the
+  tokenizer's default special tokens (for SmolLM2: none, the project's no-BOS convention);
+- an empty context is replaced by the prefix token (BOS, else EOS);
+- the model reads `(ctx + cont)[-(max_length + 1):][:-1]` and the last `len(cont)` positions score `cont`.
+
+Identical model inputs are run once (MMLU's four single-letter answers share one forward). Batches
+are sorted by length and padded on the left by default: every row then ends at the same position, so
+only the last `max(len(cont))` logits are materialised (`logits_to_keep`). Right padding is supported
+too (all logits are computed). Position ids follow the attention mask, so padding never shifts RoPE.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .tasks import MultipleChoiceDoc, load_task, task_info
+
+DEFAULT_MAX_LENGTH = 2048
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) exactly as lm-eval's HFLM splits them for a causal model."""
+    if not context:
+        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        return [prefix], tokenizer(continuation)["input_ids"]
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = tokenizer(context + continuation)["input_ids"]
+    ctx = tokenizer(context)["input_ids"]
+    return ctx, whole[len(ctx) :]
+
+
+def model_max_length(model, default: int = DEFAULT_MAX_LENGTH) -> int:
+    """lm-eval's rule: the first of n_positions / max_position_embeddings / n_ctx in the config."""
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(model.config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return default
+
+
+@dataclass
+class LoglikelihoodScorer:
+    """Summed log-likelihoods of continuations under `model` (any causal LM, hybrid or not)."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    batch_size: int = 16
+    max_batch_tokens: int = 32768  # caps padded tokens per forward (long 5-shot MMLU prompts)
+    padding_side: str = "left"
+    max_length: int | None = None
+    progress: bool = True
+    stats: dict = field(default_factory=lambda: {"forwards": 0, "sequences": 0})
+
+    def __post_init__(self) -> None:
+        if self.padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side: expected 'left' or 'right', got {self.padding_side!r}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size: expected an int >= 1, got {self.batch_size!r}")
+        if self.max_length is None:
+            self.max_length = model_max_length(self.model)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def loglikelihood(self, requests: Sequence[tuple[str, str]], desc: str = "loglikelihood") -> list[tuple[float, bool]]:
+        """(sum of log p(continuation | context), continuation is the greedy decode) per request."""
+        return self.loglikelihood_tokens([encode_pair(self.tokenizer, c, x) for c, x in requests], desc)
+
+    @torch.no_grad()
+    def loglikelihood_tokens(
+        self, requests: Sequence[tuple[list[int], list[int]]], desc: str = "loglikelihood"
+    ) -> list[tuple[float, bool]]:
+        inputs: dict[tuple[int, ...], int] = {}  # distinct model inputs -> longest continuation read from it
+        keys = []
+        for ctx, cont in requests:
+            if not cont:
+                raise ValueError("requests: a continuation encodes to zero tokens")
+            inp = tuple((list(ctx) + list(cont))[-(self.max_length + 1) :][:-1])
+            keys.append(inp)
+            inputs[inp] = max(inputs.get(inp, 0), len(cont))
+        order = sorted(inputs, key=lambda s: -len(s))  # longest first: padding waste stays small
+        logprobs: dict[tuple[int, ...], torch.Tensor] = {}
+        batches = self._batches(order)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for batch in tqdm(batches, desc=desc, disable=not self.progress, leave=False):
+                for inp, lp in zip(batch, self._forward(batch, [inputs[s] for s in batch])):
+                    logprobs[inp] = lp
+        finally:
+            self.model.train(was_training)
+        out = []
+        for (_, cont), inp in zip(requests, keys):
+            lp = logprobs[inp][-len(cont) :]  # [len(cont), V] log-probs predicting each cont token
+            target = torch.tensor(cont, dtype=torch.long)
+            ll = float(lp.gather(1, target[:, None]).sum())
+            out.append((ll, bool((lp.argmax(-1) == target).all())))
+        return out
+
+    def _batches(self, ordered: list[tuple[int, ...]]) -> list[list[tuple[int, ...]]]:
+        batches, current = [], []
+        for seq in ordered:  # sorted longest first, so the first row fixes the padded width
+            width = len(current[0]) if current else len(seq)
+            if current and (len(current) >= self.batch_size or (len(current) + 1) * width > self.max_batch_tokens):
+                batches.append(current)
+                current = []
+            current.append(seq)
+        if current:
+            batches.append(current)
+        return batches
+
+    def _forward(self, batch: list[tuple[int, ...]], keep: list[int]) -> list[torch.Tensor]:
+        """Log-probs at the last `keep[row]` real positions of each row, [keep[row], V] fp32 on the CPU."""
+        width = max(len(s) for s in batch)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, seq in enumerate(batch):
+            span = slice(width - len(seq), width) if self.padding_side == "left" else slice(0, len(seq))
+            ids[row, span] = torch.tensor(seq, dtype=torch.long)
+            mask[row, span] = 1
+        position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+        kwargs = dict(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                      position_ids=position_ids.to(self.device), use_cache=False)
+        if self.padding_side == "left":  # every row ends at `width`: only the tail is needed
+            kwargs["logits_to_keep"] = max(keep)
+        logits = self.model(**kwargs).logits
+        self.stats["forwards"] += 1
+        self.stats["sequences"] += len(batch)
+        out = []
+        for row, seq in enumerate(batch):
+            end = logits.shape[1] if self.padding_side == "left" else len(seq)
+            out.append(torch.log_softmax(logits[row, end - keep[row] : end].float(), dim=-1).cpu())
+        return out
+
+
+def _stderr(values: Sequence[float]) -> float:
+    """lm-eval's `mean_stderr`: sample standard deviation / sqrt(n)."""
+    n = len(values)
+    if n < 2:
+        return float("nan")
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+def score_multiple_choice(docs: Sequence[MultipleChoiceDoc], lls: Sequence[float]) -> dict:
+    """acc / acc_norm / acc_norm_cont from flattened per-choice log-likelihoods (docs' choices in order).
+
+    acc: argmax of the summed log-likelihood. acc_norm: lm-eval's, divided by the choice's length in
+    characters (no target delimiter). acc_norm_cont: divided by the UTF-8 bytes of the scored
+    continuation, delimiter included -- the convention of the reference scorer behind the teacher
+    numbers in ASSETS.md (it moves ARC-Challenge acc_norm from 0.314 to 0.298 for the teacher).
+    Ties go to the first choice (numpy argmax, as in lm-eval)."""
+    expected = sum(len(d.continuations) for d in docs)
+    if len(lls) != expected:
+        raise ValueError(f"lls: expected {expected} log-likelihoods (one per choice), got {len(lls)}")
+
+    def argmax(xs: list[float]) -> int:
+        return max(range(len(xs)), key=lambda i: (xs[i], -i))
+
+    hits: dict[str, list[float]] = {"acc": [], "acc_norm": [], "acc_norm_cont": []}
+    preds = []
+    pos = 0
+    for d in docs:
+        doc_lls = list(lls[pos : pos + len(d.continuations)])
+        pos += len(d.continuations)
+        pred = argmax(doc_lls)
+        pred_norm = argmax([ll / len(c) for ll, c in zip(doc_lls, d.choices)])
+        pred_cont = argmax([ll / len(c.encode("utf-8")) for ll, c in zip(doc_lls, d.continuations)])
+        for name, p in (("acc", pred), ("acc_norm", pred_norm), ("acc_norm_cont", pred_cont)):
+            hits[name].append(float(p == d.gold))
+        preds.append({"doc_id": d.doc_id, "gold": d.gold, "pred": pred, "pred_norm": pred_norm,
+                      "pred_norm_cont": pred_cont, "lls": doc_lls})
+    result: dict = {"n": len(docs)}
+    for name, values in hits.items():
+        result[name] = sum(values) / len(values) if values else float("nan")
+        result[f"{name}_stderr"] = _stderr(values)
+    result["predictions"] = preds
+    return result
+
+
+def evaluate_docs(scorer: LoglikelihoodScorer, docs: Sequence[MultipleChoiceDoc], desc: str = "") -> dict:
+    lls = [ll for ll, _ in scorer.loglikelihood([r for d in docs for r in d.requests], desc=desc or "score")]
+    return score_multiple_choice(docs, lls)
+
+
+def evaluate_task(scorer: LoglikelihoodScorer, name: str, limit: int | None = None,
+                  keep_predictions: bool = False) -> dict:
+    """Score task `name` (see `tasks.TASKS`); returns n, acc, acc_norm, acc_norm_cont (+ stderr), primary."""
+    info = task_info(name)
+    result = evaluate_docs(scorer, load_task(name, limit), desc=name)
+    if "acc_norm" not in info.metrics:  # e.g. winogrande: lm-eval reports acc only
+        for key in ("acc_norm", "acc_norm_stderr", "acc_norm_cont", "acc_norm_cont_stderr"):
+            result.pop(key)
+    if not keep_predictions:
+        result.pop("predictions")
+    result["task"] = name
+    result["primary_metric"] = info.primary_metric
+    result["primary"] = result[info.primary_metric]
+    return result

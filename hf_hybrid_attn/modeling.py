@@ -1,0 +1,344 @@
+"""Hybrid config/model classes per base family, `convert()`, and run-time component modes.
+
+For each supported family (Llama, Mistral, Qwen2, Qwen3) a class factory makes
+`Hybrid<Family>Config(<Family>Config)` (model_type `hybrid_<family>`) and
+`Hybrid<Family>ForCausalLM(<Family>ForCausalLM)`, registered with the Auto classes. The model class
+attaches `self_attn.hybrid` to the converted layers in `__init__`, so checkpoints load with no
+missing or unexpected keys, and the config defaults `attn_implementation` to `hybrid_linear_swa`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import os
+from collections.abc import Iterable, Iterator
+
+import torch
+import torch.nn as nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from .attention import ATTN_IMPLEMENTATION, install_cache_hooks
+from .cache import HybridCache
+from .config import COMPONENT_MODES, HybridConfig
+from .layers import HybridMixer
+
+LOADER_MODULE = "hybrid_loader"
+LOADER_SHIM = '''"""Loader shim written by hf_hybrid_attn: this checkpoint is a hybrid linear-attention model."""
+import importlib
+
+try:  # importlib, so that transformers' static import check leaves the message to us
+    _pkg = importlib.import_module("hf_hybrid_attn")  # registers hybrid_linear_swa and hybrid_{base}
+except ImportError as e:
+    raise ImportError(
+        "This checkpoint is a hf_hybrid_attn hybrid model (model_type 'hybrid_{base}'). "
+        "Install the package with `pip install hf-hybrid-attn`, then `import hf_hybrid_attn` before "
+        "AutoModelForCausalLM.from_pretrained(...)."
+    ) from e
+_modeling = importlib.import_module("hf_hybrid_attn.modeling")
+{cfg} = _modeling.{cfg}
+{lm} = _modeling.{lm}
+'''
+
+#: base model_type -> (module, config class name, causal-LM class name)
+FAMILIES: dict[str, tuple[str, str, str]] = {
+    "llama": ("transformers.models.llama", "LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("transformers.models.mistral", "MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("transformers.models.qwen2", "Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("transformers.models.qwen3", "Qwen3Config", "Qwen3ForCausalLM"),
+}
+HYBRID_CONFIGS: dict[str, type] = {}
+HYBRID_MODELS: dict[str, type] = {}
+
+
+def _base_model_type(model_type: str) -> str:
+    return model_type[len("hybrid_") :] if model_type.startswith("hybrid_") else model_type
+
+
+def hybrid_config_of(config) -> HybridConfig:
+    d = getattr(config, "hybrid", None)
+    if d is None:
+        raise ValueError(f"config of type {type(config).__name__} has no `hybrid` entry: is this a converted model?")
+    return d if isinstance(d, HybridConfig) else HybridConfig.from_dict(d)
+
+
+class HybridConfigMixin:
+    """Makes converted checkpoints load as hybrid by default; sdpa still gives the teacher's view."""
+
+    def __post_init__(self, **kwargs):
+        if kwargs.get("attn_implementation") is None:
+            kwargs["attn_implementation"] = ATTN_IMPLEMENTATION
+        super().__post_init__(**kwargs)
+        if getattr(self, "hybrid", None) is None:
+            self.hybrid = HybridConfig().to_dict()
+        elif isinstance(self.hybrid, HybridConfig):
+            self.hybrid = self.hybrid.to_dict()
+        HybridConfig.from_dict(self.hybrid)  # validate (and check the format version) on load
+        # Converted configs must not carry a base sliding window: it would hide keys from the linear
+        # branch (Mistral, Qwen2) — SPEC/HF_NOTES.
+        if getattr(self, "sliding_window", None) is not None:
+            self.sliding_window = None
+        if getattr(self, "use_sliding_window", None):
+            self.use_sliding_window = False
+        if getattr(self, "layer_types", None) is not None:
+            self.layer_types = ["full_attention"] * len(self.layer_types)
+
+
+class HybridModelMixin:
+    """Attaches `self_attn.hybrid` to converted layers, and gives generate() a HybridCache."""
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        hcfg = hybrid_config_of(config)
+        for idx in hcfg.layer_indices(config.num_hidden_layers):
+            attn = self.model.layers[idx].self_attn
+            attn.hybrid = HybridMixer(
+                hcfg, config.num_attention_heads, config.num_key_value_heads, attn.head_dim
+            )
+            install_cache_hooks(attn)
+
+    def initialize_weights(self):
+        super().initialize_weights()
+        from transformers import initialization as hf_init
+
+        # Missing hybrid parameters (fresh conversion) get the SPEC initialisation; loaded ones are
+        # flagged `_is_hf_initialized` and left untouched by the guarded init functions.
+        for module in self.modules():
+            if isinstance(module, HybridMixer):
+                fresh = copy.deepcopy(module).to("cpu" if module.window_logit.device.type == "meta" else module.window_logit.device)
+                if fresh.window_logit.device.type == "meta":
+                    fresh = fresh.to_empty(device="cpu")
+                fresh.reset_parameters()
+                fresh_params = dict(fresh.named_parameters())
+                for name, p in module.named_parameters():
+                    hf_init.copy_(p, fresh_params[name].to(p.device, p.dtype))
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
+            impl = generation_config.cache_implementation
+            if impl not in (None, "dynamic", "hybrid"):
+                raise ValueError(
+                    f"cache_implementation={impl!r} is not supported by hybrid models; leave it unset to use "
+                    "HybridCache (constant memory per sequence)"
+                )
+            model_kwargs["past_key_values"] = HybridCache(self.config)
+            return None
+        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Also writes a tiny `trust_remote_code` loader shim: a user who loads the folder without
+        `import hf_hybrid_attn` is told exactly what to install and import (or, with
+        trust_remote_code=True and the package installed, it is imported for them)."""
+        base_type = _base_model_type(self.config.model_type)
+        cfg_name, lm_name = type(self.config).__name__, type(self).__name__
+        self.config.auto_map = {
+            "AutoConfig": f"{LOADER_MODULE}.{cfg_name}",
+            "AutoModelForCausalLM": f"{LOADER_MODULE}.{lm_name}",
+        }
+        out = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            with open(os.path.join(save_directory, LOADER_MODULE + ".py"), "w") as f:
+                f.write(LOADER_SHIM.format(cfg=cfg_name, lm=lm_name, base=base_type))
+        return out
+
+    def generate(self, *args, **kwargs):
+        gen_cfg = kwargs.get("generation_config")
+        for name in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit"):
+            if kwargs.get(name) is not None or (gen_cfg is not None and getattr(gen_cfg, name, None) is not None):
+                raise ValueError(
+                    f"`{name}`: assisted / speculative decoding is not supported for hybrid models: the recurrent "
+                    "linear-attention state cannot be rolled back after rejected draft tokens"
+                )
+        return super().generate(*args, **kwargs)
+
+
+def _family_classes(base_type: str) -> tuple[type, type]:
+    if base_type not in FAMILIES:
+        raise ValueError(
+            f"model: architecture {base_type!r} is not supported; supported model_type values are "
+            f"{sorted(FAMILIES)}"
+        )
+    if base_type in HYBRID_CONFIGS:
+        return HYBRID_CONFIGS[base_type], HYBRID_MODELS[base_type]
+    mod_name, cfg_name, lm_name = FAMILIES[base_type]
+    mod = importlib.import_module(mod_name)
+    base_cfg, base_lm = getattr(mod, cfg_name), getattr(mod, lm_name)
+    family = cfg_name[: -len("Config")]
+    cfg_cls = type(f"Hybrid{cfg_name}", (HybridConfigMixin, base_cfg), {"model_type": f"hybrid_{base_type}", "__module__": __name__})
+    lm_cls = type(
+        f"Hybrid{family}ForCausalLM",
+        (HybridModelMixin, base_lm),
+        {"config_class": cfg_cls, "__module__": __name__, "_supports_attention_backend": True},
+    )
+    HYBRID_CONFIGS[base_type], HYBRID_MODELS[base_type] = cfg_cls, lm_cls
+    return cfg_cls, lm_cls
+
+
+def register_families() -> None:
+    for base_type in FAMILIES:
+        cfg_cls, lm_cls = _family_classes(base_type)
+        AutoConfig.register(cfg_cls.model_type, cfg_cls, exist_ok=True)
+        AutoModelForCausalLM.register(cfg_cls, lm_cls, exist_ok=True)
+        globals()[cfg_cls.__name__] = cfg_cls
+        globals()[lm_cls.__name__] = lm_cls
+
+
+def convert(model: PreTrainedModel, config: HybridConfig | None = None, **overrides) -> PreTrainedModel:
+    """Turn a loaded softmax causal LM into its hybrid class, in place, and return it.
+
+    Base weights are untouched (bit-identical); the new parameters get the SPEC initialisation
+    (identity-like feature maps, gamma = init_window_gamma), in the dtype and on the device of the
+    attention projections. `overrides` replace fields of `config`."""
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"model: expected a transformers PreTrainedModel, got {type(model).__name__}")
+    if config is None:
+        config = HybridConfig()
+    elif not isinstance(config, HybridConfig):
+        raise TypeError(f"config: expected a HybridConfig, got {type(config).__name__}")
+    if overrides:
+        config = config.replace(**overrides)
+    model_type = model.config.model_type
+    if model_type.startswith("hybrid_"):
+        raise ValueError(f"model: this model is already converted (model_type={model_type!r})")
+    cfg_cls, lm_cls = _family_classes(model_type)
+    if type(model).__name__ != FAMILIES[model_type][2]:
+        raise ValueError(
+            f"model: expected a {FAMILIES[model_type][2]} (causal LM head), got {type(model).__name__}"
+        )
+    layer_ids = config.layer_indices(model.config.num_hidden_layers)
+
+    base = model.config.to_dict()
+    for key in ("model_type", "transformers_version", "architectures", "quantization_config"):
+        base.pop(key, None)
+    base["hybrid"] = config.to_dict()
+    new_cfg = cfg_cls(**base)
+    new_cfg.architectures = [lm_cls.__name__]
+    new_cfg._attn_implementation = ATTN_IMPLEMENTATION
+
+    model.__class__ = lm_cls
+    model.config = new_cfg
+    model.model.config = new_cfg
+    for layer in model.model.layers:
+        layer.self_attn.config = new_cfg
+    if hasattr(model, "generation_config") and model.generation_config is not None:
+        gc = model.generation_config
+        for name in ("cache_implementation",):
+            if getattr(gc, name, None) not in (None, "dynamic"):
+                setattr(gc, name, None)
+    for idx in layer_ids:
+        attn = model.model.layers[idx].self_attn
+        proj = attn.q_proj.weight
+        mixer = HybridMixer(config, new_cfg.num_attention_heads, new_cfg.num_key_value_heads, attn.head_dim)
+        attn.hybrid = mixer.to(device=proj.device, dtype=proj.dtype)
+        install_cache_hooks(attn)
+    return model
+
+
+def iter_hybrid_attention(model: nn.Module) -> Iterator[tuple[int, nn.Module]]:
+    """(layer_idx, attention module) for every converted layer (also through a PeftModel)."""
+    for module in model.modules():
+        if hasattr(module, "hybrid") and hasattr(module, "layer_idx") and isinstance(module, nn.Module):
+            yield module.layer_idx, module
+
+
+def _mixers(attn: nn.Module) -> Iterable[HybridMixer]:
+    return [m for m in attn.hybrid.modules() if isinstance(m, HybridMixer)]
+
+
+def _select(model, layers) -> list[tuple[int, nn.Module]]:
+    found = list(iter_hybrid_attention(model))
+    if not found:
+        raise ValueError("model: no converted (hybrid) attention layers found; call hf_hybrid_attn.convert first")
+    if layers is None:
+        return found
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    available = {i for i, _ in found}
+    missing = [i for i in layers if i not in available]
+    if missing:
+        raise ValueError(f"layers: {missing} are not converted layers; converted layers are {sorted(available)}")
+    return [(i, a) for i, a in found if i in set(layers)]
+
+
+def get_component_modes(model) -> dict[int, str]:
+    return {i: _mixers(a)[0].mode for i, a in iter_hybrid_attention(model)}
+
+
+def set_component_mode(model, mode: str, layers: int | Iterable[int] | None = None) -> None:
+    """Switch which components run: hybrid, swa_only, linear_only, sinks_only or none.
+
+    `layers=None` switches every converted layer (and records the mode in the config)."""
+    if mode not in COMPONENT_MODES:
+        raise ValueError(f"mode must be one of {COMPONENT_MODES}, got {mode!r}")
+    for _, attn in _select(model, layers):
+        for mixer in _mixers(attn):
+            mixer.mode = mode
+    if layers is None:
+        cfg = getattr(model, "config", None)
+        if cfg is not None and isinstance(getattr(cfg, "hybrid", None), dict):
+            cfg.hybrid["component_mode"] = mode
+
+
+@contextlib.contextmanager
+def component_mode(model, mode: str, layers: int | Iterable[int] | None = None):
+    """Context manager: run `model` in `mode` inside the block, then restore every layer's mode."""
+    before = get_component_modes(model)
+    cfg = getattr(model, "config", None)
+    cfg_mode = cfg.hybrid.get("component_mode") if cfg is not None and isinstance(getattr(cfg, "hybrid", None), dict) else None
+    set_component_mode(model, mode, layers)
+    try:
+        yield model
+    finally:
+        for i, attn in iter_hybrid_attention(model):
+            for mixer in _mixers(attn):
+                mixer.mode = before[i]
+        if cfg_mode is not None:
+            cfg.hybrid["component_mode"] = cfg_mode
+
+
+def set_window(model, window: int, layers: int | Iterable[int] | None = None) -> None:
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be an integer >= 1, got {window!r}")
+    for _, attn in _select(model, layers):
+        for mixer in _mixers(attn):
+            mixer.window = window
+
+
+@torch.no_grad()
+def collect_linear_share(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """LA share of the normaliser (SPEC §4): per converted layer and head, the mean over valid query
+    positions >= w of alpha phi_q.z / D_i, in the current mode. Returns [num_converted_layers, H]."""
+    stats: dict[int, torch.Tensor] = {}
+    hooks = []
+
+    def make_hook(idx):
+        def hook(module, q, k, v, key_valid, scaling):
+            y, lin_den, den = module.hybrid(q, k, v, key_valid, scaling, return_stats=True)
+            window = _mixers(module)[0].window
+            share = torch.where(den > 0, lin_den / den.clamp_min(1e-30), torch.zeros_like(den)).float()
+            Tk, Tq = k.shape[2], q.shape[2]
+            pos_in_row = key_valid.long().cumsum(1) - 1  # position of each token among valid ones
+            qmask = key_valid[:, Tk - Tq :] & (pos_in_row[:, Tk - Tq :] >= window)
+            m = qmask[:, None, :].float()
+            stats[idx] = ((share * m).sum((0, 2)) / m.sum((0, 2)).clamp_min(1)).cpu()
+            stats[f"n{idx}"] = m.sum((0, 2)).cpu()
+            return y.transpose(1, 2)
+
+        return hook
+
+    pairs = list(iter_hybrid_attention(model))
+    for idx, attn in pairs:
+        for mixer in _mixers(attn):
+            hooks.append((mixer, mixer.transfer_hook))
+            mixer.transfer_hook = make_hook(idx)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        for mixer, old in hooks:
+            mixer.transfer_hook = old
+    if any(float(stats[f"n{i}"].sum()) == 0 for i, _ in pairs):
+        raise ValueError(
+            f"input_ids: no query position beyond the window (w={_mixers(pairs[0][1])[0].window}); "
+            "the LA share needs sequences longer than the window"
+        )
+    return torch.stack([stats[i] for i, _ in pairs])

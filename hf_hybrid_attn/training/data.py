@@ -1,0 +1,223 @@
+"""Training data: real text packed into fixed-length blocks, with a held-out split by document.
+
+Documents are tokenised without special tokens, each followed by EOS, concatenated, and cut into
+`seq_len` blocks (the tail that does not fill a block is dropped). Packed blocks contain no padding,
+which the hybrid layer needs (a packed-sequence mask is not expressible in its linear state: the
+EOS separator is the document boundary the model learns, as in LoLCATs' packed Alpaca).
+
+Sources:
+  "sotu" | "austen"        the offline corpora (`hf_hybrid_attn.assets.load_corpus`)
+  path/to/file.txt         one document per block of text separated by blank lines
+  path/to/file.jsonl       one document per line (field `text_field`)
+  path/to/dir              every *.txt file in it (sorted) is one document
+  hf:NAME[:CONFIG][@SPLIT] a `datasets` hub dataset (needs network or a local cache)
+  arrow:PATH               a dataset saved with `datasets.save_to_disk`
+  a datasets.Dataset, or a list of strings
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+CORPORA = ("sotu", "austen", "boolq")
+
+
+def load_documents(source: Any, text_field: str = "text") -> list[str]:
+    """The documents of `source` (see the module docstring), in a fixed order."""
+    if isinstance(source, (list, tuple)):
+        if not all(isinstance(d, str) for d in source):
+            raise ValueError("data: a list source must contain strings (documents)")
+        return [d for d in source if d.strip()]
+    if hasattr(source, "column_names"):  # a datasets.Dataset
+        if text_field not in source.column_names:
+            raise ValueError(f"data: the dataset has no column {text_field!r}; columns are {source.column_names}")
+        return [t for t in source[text_field] if isinstance(t, str) and t.strip()]
+    if not isinstance(source, str):
+        raise ValueError(f"data: expected a corpus name, a path, 'hf:NAME' or a list of strings, got {type(source).__name__}")
+    if source in CORPORA:
+        return _corpus_documents(source)
+    if source.startswith("hf:"):
+        import datasets
+
+        spec, _, split = source[3:].partition("@")
+        name, _, config = spec.partition(":")
+        ds = datasets.load_dataset(name, config or None, split=split or "train")
+        return load_documents(ds, text_field)
+    if source.startswith("arrow:"):
+        import datasets
+
+        ds = datasets.load_from_disk(source[len("arrow:") :])
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+        return load_documents(ds, text_field)
+    if os.path.isdir(source):
+        files = sorted(f for f in os.listdir(source) if f.endswith(".txt"))
+        if not files:
+            raise ValueError(f"data: directory {source!r} contains no .txt files")
+        docs = []
+        for f in files:
+            with open(os.path.join(source, f), encoding="utf-8") as fh:
+                docs.append(fh.read())
+        return [d for d in docs if d.strip()]
+    if os.path.isfile(source):
+        with open(source, encoding="utf-8") as fh:
+            if source.endswith(".jsonl"):
+                return [d for d in (json.loads(line)[text_field] for line in fh if line.strip()) if d.strip()]
+            text = fh.read()
+        return [d.strip() for d in re.split(r"\n\s*\n", text) if d.strip()]
+    raise ValueError(
+        f"data: {source!r} is not one of the corpora {CORPORA}, an existing file or directory, 'hf:NAME' or 'arrow:PATH'"
+    )
+
+
+def _corpus_documents(name: str) -> list[str]:
+    try:
+        from ..assets import load_corpus
+    except ImportError as e:
+        raise ValueError(f"data: the offline corpus {name!r} needs hf_hybrid_attn.assets ({e})") from e
+    corpus = load_corpus(name)
+    if isinstance(corpus, str):
+        return [d.strip() for d in re.split(r"\n\s*\n", corpus) if d.strip()]
+    if hasattr(corpus, "column_names"):
+        return load_documents(corpus)
+    docs = [d if isinstance(d, str) else d.get("text", "") for d in corpus]
+    return [d for d in docs if d.strip()]
+
+
+def split_documents(docs: Sequence[str], val_fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Deterministic held-out split by document: a seeded permutation, the first ceil(n*f) held out.
+
+    The relative order of documents inside each split is kept."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction: expected a fraction in (0, 1), got {val_fraction!r}")
+    n = len(docs)
+    if n < 2:
+        raise ValueError(f"data: {n} document(s); a validation split by document needs at least 2")
+    n_val = min(max(1, math.ceil(n * val_fraction)), n - 1)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    val_ids = set(perm[:n_val])
+    train = [d for i, d in enumerate(docs) if i not in val_ids]
+    val = [d for i, d in enumerate(docs) if i in val_ids]
+    return train, val
+
+
+def pack_token_ids(docs_ids: Sequence[Sequence[int]], seq_len: int, eos_id: int, max_blocks: int | None = None) -> torch.Tensor:
+    """Concatenate [doc, EOS, doc, EOS, ...] and cut into `seq_len` blocks -> LongTensor [N, seq_len]."""
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        raise ValueError(f"seq_len: expected an integer >= 2, got {seq_len!r}")
+    flat: list[int] = []
+    limit = None if max_blocks is None else max_blocks * seq_len
+    for ids in docs_ids:
+        flat.extend(ids)
+        flat.append(eos_id)
+        if limit is not None and len(flat) >= limit:
+            break
+    n = len(flat) // seq_len
+    if max_blocks is not None:
+        n = min(n, max_blocks)
+    return torch.tensor(flat[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def _tokenize(tokenizer, docs: Sequence[str], budget_tokens: int | None) -> list[list[int]]:
+    out, total = [], 0
+    for d in docs:  # one at a time so that a token budget stops tokenising early
+        ids = tokenizer(d, add_special_tokens=False)["input_ids"]
+        out.append(ids)
+        total += len(ids) + 1
+        if budget_tokens is not None and total >= budget_tokens:
+            break
+    return out
+
+
+@dataclass
+class PackedData:
+    """Packed train / validation blocks and how they were made."""
+
+    train: torch.Tensor
+    val: torch.Tensor
+    seq_len: int
+    info: dict = field(default_factory=dict)
+
+    @property
+    def train_tokens(self) -> int:
+        return self.train.numel()
+
+    @property
+    def val_tokens(self) -> int:
+        return self.val.numel()
+
+
+def build_packed_data(
+    tokenizer,
+    source: Any = "sotu",
+    seq_len: int = 1024,
+    window: int | None = None,
+    val_fraction: float = 0.05,
+    max_train_tokens: int | None = None,
+    max_val_blocks: int | None = 64,
+    seed: int = 0,
+    text_field: str = "text",
+) -> PackedData:
+    """Tokenise, split by document (deterministic), pack. Raises clear errors for unusable sizes."""
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        raise ValueError(f"seq_len: expected an integer >= 2, got {seq_len!r}")
+    if window is not None and seq_len <= window:
+        raise ValueError(
+            f"seq_len ({seq_len}) must be larger than the window ({window}): only positions beyond the window "
+            "use the linear branch, so shorter sequences cannot train it"
+        )
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("tokenizer: has no eos_token_id, which separates packed documents")
+    docs = load_documents(source, text_field)
+    train_docs, val_docs = split_documents(docs, val_fraction, seed)
+    val_budget = None if max_val_blocks is None else (max_val_blocks + 1) * seq_len
+    val = pack_token_ids(_tokenize(tokenizer, val_docs, val_budget), seq_len, eos, max_val_blocks)
+    if val.shape[0] == 0:
+        n_val = sum(len(tokenizer(d, add_special_tokens=False)["input_ids"]) + 1 for d in val_docs)
+        raise ValueError(
+            f"data: too few tokens for a validation split: the {len(val_docs)} held-out document(s) have {n_val} "
+            f"tokens, fewer than one block of seq_len={seq_len}; raise val_fraction, lower seq_len or add text"
+        )
+    train_budget = None if max_train_tokens is None else max_train_tokens + seq_len
+    max_blocks = None if max_train_tokens is None else max(1, -(-max_train_tokens // seq_len))
+    train = pack_token_ids(_tokenize(tokenizer, train_docs, train_budget), seq_len, eos, max_blocks)
+    if train.shape[0] == 0:
+        raise ValueError(f"data: too few tokens for training: fewer than one block of seq_len={seq_len}")
+    info = {
+        "source": source if isinstance(source, str) else type(source).__name__,
+        "documents": len(docs),
+        "train_documents": len(train_docs),
+        "val_documents": len(val_docs),
+        "val_fraction": val_fraction,
+        "seq_len": seq_len,
+        "train_blocks": int(train.shape[0]),
+        "val_blocks": int(val.shape[0]),
+        "seed": seed,
+        "eos_token_id": eos,
+    }
+    return PackedData(train=train, val=val, seq_len=seq_len, info=info)
+
+
+class PackedDataset(torch.utils.data.Dataset):
+    """Rows of a packed [N, T] tensor as causal-LM examples (labels = input_ids; the model shifts)."""
+
+    def __init__(self, blocks: torch.Tensor):
+        if blocks.dim() != 2 or blocks.dtype != torch.long:
+            raise ValueError(f"blocks: expected a LongTensor [num_blocks, seq_len], got {blocks.dtype} {tuple(blocks.shape)}")
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return self.blocks.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        row = self.blocks[i]
+        return {"input_ids": row, "labels": row.clone()}

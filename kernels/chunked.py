@@ -1,0 +1,152 @@
+"""Chunked PyTorch implementation of the hybrid layer: O(T * (C + w)) memory, never T x T.
+
+Same function and conventions as `reference.hybrid_attention_reference`; this is the CPU path
+and the fallback on any device. Gradients come from autograd.
+
+Window branch: queries are cut into blocks of C; block b attends to the C + w - 1 keys
+[bC - w + 1, bC + C), taken as an `unfold` view, under the static band mask r <= s <= r + w - 1.
+The row max over that band is exact, so there is no online rescaling.
+
+Linear branch: L(i) = { j <= i - shift } with shift = w (hybrid) or 0 (linear_only, or
+linear_covers_window). Delaying keys and values by `shift` turns it into an inclusive causal
+linear attention, computed chunk-wise: an intra-block masked product plus a prefix sum of the
+per-block states.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .reference import KERNEL_MODES, _expand_kv
+
+
+def _window_branch(q, k, v, key_valid, window, scale, chunk):
+    """Returns unnormalised numerator [B,H,T,D] and denominator [B,H,T] of the window softmax
+    (without gamma), queries aligned with keys (T == Tk)."""
+    B, H, T, D = q.shape
+    Hkv = k.shape[1]
+    g = H // Hkv
+    W = min(window, T)
+    n = -(-T // chunk)
+    L = chunk + W - 1
+    pad_end = n * chunk - T
+    kp = F.pad(k, (0, 0, W - 1, pad_end))  # [B,Hkv,nC+W-1,D]
+    vp = F.pad(v, (0, 0, W - 1, pad_end))
+    validp = F.pad(key_valid, (W - 1, pad_end), value=False)  # [B, nC+W-1]
+    kb = kp.unfold(2, L, chunk)  # [B,Hkv,n,D,L]
+    vb = vp.unfold(2, L, chunk).transpose(-1, -2)  # [B,Hkv,n,L,D]
+    vbl = validp.unfold(1, L, chunk)  # [B,n,L]
+    qb = F.pad(q, (0, 0, 0, pad_end)).view(B, Hkv, g, n, chunk, D)
+    s = scale * torch.matmul(qb, kb.unsqueeze(2))  # [B,Hkv,g,n,C,L]
+    r = torch.arange(chunk, device=q.device)[:, None]
+    c = torch.arange(L, device=q.device)[None, :]
+    band = (c >= r) & (c <= r + W - 1)  # [C,L]
+    mask = band[None, None, None, None] & vbl[:, None, None, :, None, :]
+    s = s.masked_fill(~mask, float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(s - m)
+    num = torch.matmul(p, vb.unsqueeze(2))  # [B,Hkv,g,n,C,D]
+    den = p.sum(-1)
+    num = num.reshape(B, H, n * chunk, -1)[:, :, :T]
+    den = den.reshape(B, H, n * chunk)[:, :, :T]
+    return num, den
+
+
+def _linear_branch(phi_q, phi_k, v, key_valid, shift, chunk, initial_state):
+    """Inclusive causal linear attention of phi_q against keys delayed by `shift`.
+    Returns numerator [B,H,T,D] and denominator [B,H,T] (without alpha)."""
+    B, H, T, Fd = phi_q.shape
+    vv = _expand_kv(v, H)
+    D = vv.shape[-1]
+    fk = phi_k * key_valid[:, None, :, None].to(phi_k.dtype)
+    num = phi_q.new_zeros(B, H, T, D)
+    den = phi_q.new_zeros(B, H, T)
+    if initial_state is not None:
+        S0, z0 = initial_state
+        num = num + phi_q @ S0.to(phi_q.dtype)
+        den = den + (phi_q * z0.to(phi_q.dtype)[:, :, None, :]).sum(-1)
+    if shift >= T:
+        return num, den
+    if shift > 0:
+        fk = F.pad(fk, (0, 0, shift, 0))[:, :, :T]
+        vv = F.pad(vv, (0, 0, shift, 0))[:, :, :T]
+    n = -(-T // chunk)
+    pad_end = n * chunk - T
+    fq_b = F.pad(phi_q, (0, 0, 0, pad_end)).view(B, H, n, chunk, Fd)
+    fk_b = F.pad(fk, (0, 0, 0, pad_end)).view(B, H, n, chunk, Fd)
+    v_b = F.pad(vv, (0, 0, 0, pad_end)).view(B, H, n, chunk, D)
+    tril = torch.ones(chunk, chunk, dtype=torch.bool, device=phi_q.device).tril()
+    a = (fq_b @ fk_b.transpose(-1, -2)).masked_fill(~tril, 0.0)  # [B,H,n,C,C]
+    intra_num = a @ v_b
+    intra_den = a.sum(-1)
+    kv = fk_b.transpose(-1, -2) @ v_b  # [B,H,n,F,D]
+    ksum = fk_b.sum(-2)  # [B,H,n,F]
+    S_prev = torch.cumsum(kv, dim=2) - kv  # exclusive prefix
+    z_prev = torch.cumsum(ksum, dim=2) - ksum
+    inter_num = fq_b @ S_prev
+    inter_den = (fq_b * z_prev.unsqueeze(-2)).sum(-1)
+    num = num + (intra_num + inter_num).reshape(B, H, n * chunk, D)[:, :, :T]
+    den = den + (intra_den + inter_den).reshape(B, H, n * chunk)[:, :, :T]
+    return num, den
+
+
+def hybrid_attention_chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    phi_q: torch.Tensor,
+    phi_k: torch.Tensor,
+    gamma: torch.Tensor,
+    alpha: torch.Tensor,
+    *,
+    window: int,
+    scale: float,
+    mode: str = "hybrid",
+    linear_covers_window: bool = False,
+    key_valid: torch.Tensor | None = None,
+    initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
+    return_stats: bool = False,
+    chunk_size: int = 64,
+):
+    """Chunked hybrid attention; see module docstring and `reference.py` for the contract.
+
+    Computes in at least float32 (the state is always fp32) and returns y in q's dtype."""
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"mode must be one of {KERNEL_MODES}, got {mode!r}")
+    out_dtype = q.dtype
+    cdt = torch.promote_types(q.dtype, torch.float32)
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
+    phi_q, phi_k = phi_q.to(cdt), phi_k.to(cdt)
+    if key_valid is None:
+        key_valid = torch.ones(B, Tk, dtype=torch.bool, device=q.device)
+    key_valid = key_valid.bool()
+    if Tq < Tk:  # queries are the last Tq positions: pad them to the key length
+        q = F.pad(q, (0, 0, Tk - Tq, 0))
+        phi_q = F.pad(phi_q, (0, 0, Tk - Tq, 0))
+    chunk = max(1, min(chunk_size, Tk))
+    g4 = gamma.to(cdt).view(1, H, 1, 1)
+    a4 = alpha.to(cdt).view(1, H, 1, 1)
+
+    num = q.new_zeros(B, H, Tk, v.shape[-1])
+    den = q.new_zeros(B, H, Tk)
+    lin_den = torch.zeros_like(den)
+    if mode != "linear_only":
+        wn, wd = _window_branch(q, k, v, key_valid, window, scale, chunk)
+        num = num + g4 * wn
+        den = den + g4[..., 0] * wd
+    if mode != "swa_only":
+        shift = 0 if (mode == "linear_only" or linear_covers_window) else window
+        ln, ld = _linear_branch(phi_q, phi_k, v, key_valid, shift, chunk, initial_state)
+        num = num + a4 * ln
+        lin_den = a4[..., 0] * ld
+        den = den + lin_den
+    num, den, lin_den = num[:, :, Tk - Tq :], den[:, :, Tk - Tq :], lin_den[:, :, Tk - Tq :]
+    safe = torch.where(den != 0, den, torch.ones_like(den))
+    y = torch.where((den != 0)[..., None], num / safe[..., None], torch.zeros_like(num)).to(out_dtype)
+    if return_stats:
+        return y, lin_den, den
+    return y

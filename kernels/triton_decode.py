@@ -1,0 +1,297 @@
+"""Fused Triton decode step for the hybrid layer: one new token per sequence.
+
+Cache layout (`DecodeCache`, one per layer), for window w and the next token at absolute position T:
+
+    k_win, v_win  [B, Hkv, w-1, D]   ring buffer of the last w-1 raw keys/values (after RoPE),
+                                      position p lives in slot p % (w-1); slots are in place, so a
+                                      step never shifts memory (CUDA-graph friendly)
+    valid         [B, w-1] bool       slot holds a real key (False: padding or never filled)
+    phi_k_win     [B, H, w-1, F]      optional ring of phi_k (same slots); needed by modes whose
+                                      linear branch also reads the window (linear_only,
+                                      linear_covers_window), and saves recomputing phi_k of the
+                                      evicted key
+    S [B, H, F, D], z [B, H, F]       fp32 state over every valid key j <= T - w (all but the last
+                                      w-1), exactly what `hybrid_attention_triton(...,
+                                      return_state=True)` returns after a prefill of T tokens
+    position      [1] int64 (device)  T, advanced in place by each step
+
+One step (`hybrid_decode_triton`), one program per (batch, query head):
+  1. attend: window = the w-1 ring slots + the new key (exact max, fp32), linear read-out of
+     (S, z) (+ the window and the new key for linear_only / linear_covers_window); y = N / D;
+  2. fold the token at T-w+1 (ring slot T % (w-1), the new token itself when w = 1), which leaves
+     the window for the next query, into (S, z) in place, whatever the mode, so the cache stays
+     valid when the component mode is switched at run time;
+  3. (torch, after the kernel) write the new k/v/valid[/phi_k] into that slot, position += 1.
+Steps 1-2 read the ring before step 3 overwrites a slot, so no program races with another.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import KERNEL_MODES
+from .triton_common import LOG2E, block_size, check_runnable, compute_dtype
+
+
+@dataclass
+class DecodeCache:
+    """Per-layer decode cache; see the module docstring for the layout."""
+
+    k_win: torch.Tensor
+    v_win: torch.Tensor
+    valid: torch.Tensor
+    S: torch.Tensor
+    z: torch.Tensor
+    position: torch.Tensor
+    phi_k_win: torch.Tensor | None = None
+
+    @property
+    def window(self) -> int:
+        return self.k_win.shape[2] + 1
+
+    @classmethod
+    def empty(cls, batch: int, heads: int, kv_heads: int, head_dim: int, feature_dim: int, window: int, *,
+              dtype: torch.dtype, device, keep_phi_k: bool = False) -> DecodeCache:
+        slots = window - 1
+        return cls(
+            k_win=torch.zeros(batch, kv_heads, slots, head_dim, dtype=dtype, device=device),
+            v_win=torch.zeros(batch, kv_heads, slots, head_dim, dtype=dtype, device=device),
+            valid=torch.zeros(batch, slots, dtype=torch.bool, device=device),
+            S=torch.zeros(batch, heads, feature_dim, head_dim, dtype=torch.float32, device=device),
+            z=torch.zeros(batch, heads, feature_dim, dtype=torch.float32, device=device),
+            position=torch.zeros(1, dtype=torch.int64, device=device),
+            phi_k_win=(torch.zeros(batch, heads, slots, feature_dim, dtype=dtype, device=device)
+                       if keep_phi_k else None),
+        )
+
+    @classmethod
+    def from_prefill(cls, k: torch.Tensor, v: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor], window: int,
+                     *, key_valid: torch.Tensor | None = None, phi_k: torch.Tensor | None = None) -> DecodeCache:
+        """Cache after a prefill of Tk tokens: k, v [B,Hkv,Tk,D] (and phi_k [B,H,Tk,F] to keep the
+        phi_k ring), state = the (S, z) that `hybrid_attention_triton(..., return_state=True)`
+        returned for that prefill (all but the last window-1 keys)."""
+        B, Hkv, Tk, D = k.shape
+        S, z = state
+        H, F = S.shape[1], S.shape[2]
+        cache = cls.empty(B, H, Hkv, D, F, window, dtype=k.dtype, device=k.device, keep_phi_k=phi_k is not None)
+        cache.S.copy_(S)
+        cache.z.copy_(z)
+        cache.position.fill_(Tk)
+        slots = window - 1
+        if slots > 0 and Tk > 0:
+            pos = torch.arange(max(0, Tk - slots), Tk, device=k.device)
+            slot = pos % slots
+            cache.k_win[:, :, slot] = k[:, :, pos]
+            cache.v_win[:, :, slot] = v[:, :, pos].to(cache.v_win.dtype)
+            cache.valid[:, slot] = True if key_valid is None else key_valid[:, pos].bool()
+            if phi_k is not None:
+                cache.phi_k_win[:, :, slot] = phi_k[:, :, pos].to(cache.phi_k_win.dtype)
+        return cache
+
+    def evict_slot(self) -> torch.Tensor:
+        """[1] int64: ring slot of the key that leaves the window after the next step."""
+        return self.position % max(self.window - 1, 1)
+
+    def evicted_keys(self) -> torch.Tensor:
+        """[B, Hkv, 1, D]: raw key at position T-w+1 (apply the feature map to get phi_k_evict)."""
+        return self.k_win.index_select(2, self.evict_slot())
+
+
+@triton.jit
+def _hybrid_decode_kernel(
+    Q, KN, VN, FQ, FKN, NVALID, KW, VW, WVALID, FKW, FKE, S, Z, GAMMA, ALPHA, POS, Y,
+    H, HKV, window, qk_scale,
+    W1: tl.constexpr, BW: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, FD: tl.constexpr,
+    BDK: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr,
+    HAS_WIN: tl.constexpr, HAS_LIN: tl.constexpr, LIN_WINDOW: tl.constexpr, HAS_FKW: tl.constexpr,
+    FOLD: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    hk = h // (H // HKV)
+    bh64 = bh.to(tl.int64)
+    bk64 = (b * HKV + hk).to(tl.int64)
+    offs_w = tl.arange(0, BW)
+    offs_dk = tl.arange(0, BDK)
+    offs_f = tl.arange(0, BF)
+    dk_ok = offs_dk < DK
+    f_ok = offs_f < FD
+    gamma = tl.load(GAMMA + h).to(tl.float32)
+    alpha = tl.load(ALPHA + h).to(tl.float32)
+    pos = tl.load(POS)
+
+    w_valid = tl.load(WVALID + b.to(tl.int64) * W1 + offs_w, mask=offs_w < W1, other=0) != 0
+    new_valid = tl.load(NVALID + b) != 0
+    fq = tl.load(FQ + bh64 * FD + offs_f, mask=f_ok, other=0.0).to(tl.float32)
+
+    # window softmax over the ring slots + the new key: exact max, fp32
+    p_w = tl.zeros([BW], dtype=tl.float32)
+    p_n = gamma * 0.0
+    den = gamma * 0.0
+    if HAS_WIN:
+        q = tl.load(Q + bh64 * DK + offs_dk, mask=dk_ok, other=0.0).to(tl.float32)
+        kw = tl.load(KW + bk64 * W1 * DK + offs_w[:, None] * DK + offs_dk[None, :],
+                     mask=w_valid[:, None] & dk_ok[None, :], other=0.0).to(tl.float32)
+        kn = tl.load(KN + bk64 * DK + offs_dk, mask=dk_ok, other=0.0).to(tl.float32)
+        s_w = tl.where(w_valid, tl.sum(q[None, :] * kw, 1) * qk_scale, float("-inf"))
+        s_n = tl.where(new_valid, tl.sum(q * kn, 0) * qk_scale, float("-inf"))
+        m = tl.maximum(tl.max(s_w, 0), s_n)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        p_w = tl.exp2(s_w - m)
+        p_n = tl.exp2(s_n - m)
+        den += gamma * (tl.sum(p_w, 0) + p_n)
+    z = tl.load(Z + bh64 * FD + offs_f, mask=f_ok, other=0.0)
+    a_w = tl.zeros([BW], dtype=tl.float32)
+    a_n = gamma * 0.0
+    if HAS_LIN:
+        den_lin = tl.sum(fq * z, 0)
+        if LIN_WINDOW:  # the linear branch also covers the window and the new key
+            fkw = tl.load(FKW + bh64 * W1 * FD + offs_w[:, None] * FD + offs_f[None, :],
+                          mask=w_valid[:, None] & f_ok[None, :], other=0.0).to(tl.float32)
+            fkn = tl.load(FKN + bh64 * FD + offs_f, mask=f_ok, other=0.0).to(tl.float32)
+            a_w = tl.sum(fq[None, :] * fkw, 1)
+            a_n = tl.where(new_valid, tl.sum(fq * fkn, 0), 0.0)
+            den_lin += tl.sum(a_w, 0) + a_n
+        den += alpha * den_lin
+    inv = tl.where(den != 0.0, 1.0 / tl.where(den != 0.0, den, 1.0), 0.0)
+
+    # the token leaving the window: ring slot pos % W1, or the new token itself when w == 1
+    if W1 > 0:
+        slot = pos % W1
+        ev_valid = tl.load(WVALID + b.to(tl.int64) * W1 + slot) != 0
+        if HAS_FKW:
+            fk_ev = tl.load(FKW + bh64 * W1 * FD + slot * FD + offs_f, mask=f_ok, other=0.0).to(tl.float32)
+        else:
+            fk_ev = tl.load(FKE + bh64 * FD + offs_f, mask=f_ok, other=0.0).to(tl.float32)
+    else:
+        slot = pos * 0
+        ev_valid = new_valid
+        fk_ev = tl.load(FKN + bh64 * FD + offs_f, mask=f_ok, other=0.0).to(tl.float32)
+    fk_ev = tl.where(ev_valid, fk_ev, 0.0)
+
+    for vb in tl.static_range(0, (DV + BV - 1) // BV):  # V blocks: the state never sits whole in registers
+        offs_v = vb * BV + tl.arange(0, BV)
+        v_ok = offs_v < DV
+        vw = tl.load(VW + bk64 * W1 * DV + offs_w[:, None] * DV + offs_v[None, :],
+                     mask=w_valid[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
+        vn = tl.load(VN + bk64 * DV + offs_v, mask=v_ok, other=0.0).to(tl.float32)
+        vn = tl.where(new_valid, vn, 0.0)
+        acc = gamma * (tl.sum(p_w[:, None] * vw, 0) + p_n * vn)
+        s_ptrs = S + bh64 * FD * DV + offs_f[:, None] * DV + offs_v[None, :]
+        s_mask = f_ok[:, None] & v_ok[None, :]
+        S_blk = tl.load(s_ptrs, mask=s_mask, other=0.0)
+        if HAS_LIN:
+            lin = tl.sum(fq[:, None] * S_blk, 0)
+            if LIN_WINDOW:
+                lin += tl.sum(a_w[:, None] * vw, 0) + a_n * vn
+            acc += alpha * lin
+        tl.store(Y + bh64 * DV + offs_v, (acc * inv).to(Y.dtype.element_ty), mask=v_ok)
+        if FOLD:
+            if W1 > 0:
+                v_ev = tl.load(VW + bk64 * W1 * DV + slot * DV + offs_v, mask=v_ok, other=0.0).to(tl.float32)
+            else:
+                v_ev = vn
+            tl.store(s_ptrs, S_blk + fk_ev[:, None] * v_ev[None, :], mask=s_mask)
+    if FOLD:
+        tl.store(Z + bh64 * FD + offs_f, z + fk_ev, mask=f_ok)
+
+
+def _check(q, k, v, phi_q, phi_k, gamma, alpha, cache: DecodeCache, mode, linear_covers_window, phi_k_evict,
+           key_valid, update_cache):
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"mode must be one of {KERNEL_MODES}, got {mode!r}")
+    B, H, Tq, D = q.shape
+    if Tq != 1:
+        raise ValueError(f"q must be [B, H, 1, D] (one new token), got {tuple(q.shape)}")
+    Hkv = cache.k_win.shape[1]
+    if tuple(k.shape) != (B, Hkv, 1, cache.k_win.shape[-1]) or tuple(v.shape) != (B, Hkv, 1, cache.v_win.shape[-1]):
+        raise ValueError(f"k and v must be [B, Hkv, 1, D] = [{B}, {Hkv}, 1, D], got {tuple(k.shape)}, {tuple(v.shape)}")
+    Fd = cache.S.shape[2]
+    for name, x in (("phi_q", phi_q), ("phi_k", phi_k)):
+        if tuple(x.shape) != (B, H, 1, Fd):
+            raise ValueError(f"{name} must be [B, H, 1, F] = [{B}, {H}, 1, {Fd}], got {tuple(x.shape)}")
+    for name, x in (("gamma", gamma), ("alpha", alpha)):
+        if x.numel() != H:
+            raise ValueError(f"{name} must have one value per query head ({H}), got shape {tuple(x.shape)}")
+    if tuple(cache.S.shape) != (B, H, Fd, v.shape[-1]) or cache.S.dtype != torch.float32:
+        raise ValueError(f"cache.S must be fp32 [B, H, F, D], got {cache.S.dtype} {tuple(cache.S.shape)}")
+    lin_window = mode == "linear_only" or (mode == "hybrid" and linear_covers_window)
+    if cache.window > 1 and cache.phi_k_win is None:
+        if lin_window:
+            raise ValueError(f"mode {mode!r} (linear_covers_window={linear_covers_window}) reads phi_k of the "
+                             "window: build the cache with phi_k (DecodeCache.from_prefill(..., phi_k=...))")
+        if update_cache and phi_k_evict is None:
+            raise ValueError("phi_k_evict [B, H, 1, F] (phi_k of cache.evicted_keys()) is required when the "
+                             "cache keeps no phi_k ring")
+    if phi_k_evict is not None and tuple(phi_k_evict.shape) != (B, H, 1, Fd):
+        raise ValueError(f"phi_k_evict must be [B, H, 1, F] = [{B}, {H}, 1, {Fd}], got {tuple(phi_k_evict.shape)}")
+    if key_valid is not None and key_valid.numel() != B:
+        raise ValueError(f"key_valid must be [B] or [B, 1] for the new token, got {tuple(key_valid.shape)}")
+    return lin_window
+
+
+def hybrid_decode_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    phi_q: torch.Tensor,
+    phi_k: torch.Tensor,
+    gamma: torch.Tensor,
+    alpha: torch.Tensor,
+    cache: DecodeCache,
+    *,
+    scale: float,
+    mode: str = "hybrid",
+    linear_covers_window: bool = False,
+    phi_k_evict: torch.Tensor | None = None,
+    key_valid: torch.Tensor | None = None,
+    update_cache: bool = True,
+) -> torch.Tensor:
+    """One decode step; equals row T of the uncached forward over all T+1 keys.
+
+    q [B,H,1,D], k/v [B,Hkv,1,D] of the new token (after RoPE), phi_q/phi_k [B,H,1,F] of it,
+    phi_k_evict [B,H,1,F]: phi_k of `cache.evicted_keys()` (only without a phi_k ring),
+    key_valid [B] bool for the new token (default all valid). With update_cache (default) the
+    cache is advanced in place: the evicted token is folded into (S, z), the new one takes its ring
+    slot, position += 1. Returns y [B, H, 1, D] in q's dtype. No autograd (inference only)."""
+    lin_window = _check(q, k, v, phi_q, phi_k, gamma, alpha, cache, mode, linear_covers_window, phi_k_evict,
+                        key_valid, update_cache)
+    check_runnable(q, k, v, phi_q, phi_k, cache.k_win, cache.S)
+    dtype = compute_dtype(q)
+    B, H, _, DK = q.shape
+    Hkv, W1, DV = cache.k_win.shape[1], cache.k_win.shape[2], cache.v_win.shape[-1]
+    Fd = cache.S.shape[2]
+    dev = q.device
+    new_valid = (torch.ones(B, dtype=torch.int8, device=dev) if key_valid is None
+                 else key_valid.reshape(B).to(device=dev, dtype=torch.int8))
+    y = torch.empty(B, H, 1, DV, dtype=dtype, device=dev)
+    fkw = cache.phi_k_win
+    fke = phi_k_evict.to(dtype).contiguous() if phi_k_evict is not None else phi_k
+    with torch.no_grad():
+        _hybrid_decode_kernel[(B * H,)](
+            q.contiguous(), k.to(dtype).contiguous(), v.to(dtype).contiguous(), phi_q.to(dtype).contiguous(),
+            phi_k.to(dtype).contiguous(), new_valid, cache.k_win, cache.v_win, cache.valid,
+            fkw if fkw is not None else fke, fke, cache.S, cache.z,
+            gamma.reshape(H).float().contiguous(), alpha.reshape(H).float().contiguous(), cache.position, y,
+            H, Hkv, cache.window, scale * LOG2E,
+            W1=W1, BW=block_size(W1, minimum=2), DK=DK, DV=DV, FD=Fd, BDK=block_size(DK, 2),
+            BV=min(block_size(DV, 2), 64), BF=block_size(Fd, 2),
+            HAS_WIN=mode != "linear_only", HAS_LIN=mode != "swa_only", LIN_WINDOW=lin_window,
+            HAS_FKW=fkw is not None, FOLD=update_cache,
+            num_warps=4,
+        )
+        if update_cache:
+            if W1 > 0:
+                slot = cache.evict_slot()
+                cache.k_win.index_copy_(2, slot, k.to(cache.k_win.dtype))
+                cache.v_win.index_copy_(2, slot, v.to(cache.v_win.dtype))
+                cache.valid.index_copy_(1, slot, new_valid.bool().view(B, 1))
+                if fkw is not None:
+                    fkw.index_copy_(2, slot, phi_k.to(fkw.dtype))
+            cache.position.add_(1)
+    return y

@@ -1,0 +1,53 @@
+import os
+
+import pytest
+import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter. Triton reads this flag when it is
+# first imported, so it must be set here, before any test module (or transformers) imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def tiny_config(family: str = "llama", **overrides):
+    """The transformers test-suite's tiny shape: vocab 99, hidden 32, 2 layers, heads 4 / kv 2."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[family]
+    kw = dict(
+        vocab_size=99,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    if family == "qwen3":
+        kw["head_dim"] = 8
+    kw.update(overrides)
+    return cls(**kw)
+
+
+def tiny_model(family: str = "llama", **overrides):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(tiny_config(family, **overrides), attn_implementation="sdpa").eval()
+
+
+def randomize_mixers(model, scale: float = 0.5):
+    """Move the hybrid parameters away from their init so tests exercise non-trivial values."""
+    import hf_hybrid_attn
+
+    with torch.no_grad():
+        for _, attn in hf_hybrid_attn.iter_hybrid_attention(model):
+            for p in attn.hybrid.parameters():
+                p.add_(scale * torch.randn_like(p))

@@ -1,0 +1,125 @@
+"""Cached decoding equals the uncached forward; generation uses a constant-memory HybridCache."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import hf_hybrid_attn as hha
+from conftest import randomize_mixers, tiny_model
+
+
+def left_padded(B=3, T=30):
+    ids = torch.randint(3, 99, (B, T))
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, :4] = 0
+    mask[2, :9] = 0
+    ids[mask == 0] = 0
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    return ids, mask, pos
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(1)
+    m = hha.convert(tiny_model(), window=5, feature_dim=8)
+    randomize_mixers(m)
+    return m
+
+
+@pytest.mark.parametrize("mode", hha.COMPONENT_MODES)
+@pytest.mark.parametrize("prefill", [1, 4, 11])
+@pytest.mark.parametrize("covers", [False, True])
+def test_token_by_token_equals_uncached(model, mode, prefill, covers):
+    for _, attn in hha.iter_hybrid_attention(model):
+        attn.hybrid.linear_covers_window = covers
+    ids, mask, pos = left_padded()
+    with hha.component_mode(model, mode), torch.no_grad():
+        full = model(ids, attention_mask=mask, position_ids=pos).logits
+        cache = hha.HybridCache(model.config)
+        outs = [model(ids[:, :prefill], attention_mask=mask[:, :prefill], position_ids=pos[:, :prefill],
+                      past_key_values=cache, use_cache=True).logits]
+        sizes = []
+        for t in range(prefill, ids.shape[1]):
+            outs.append(model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], position_ids=pos[:, t : t + 1],
+                              past_key_values=cache, use_cache=True).logits)
+            sizes.append(cache.memory_bytes())
+    for _, attn in hha.iter_hybrid_attention(model):
+        attn.hybrid.linear_covers_window = False
+    inc = torch.cat(outs, 1)
+    keep = mask.bool()
+    assert (inc - full)[keep].abs().max().item() <= 1e-5
+    # constant memory once the window buffer is full
+    assert len(set(sizes[-10:])) == 1
+
+
+def test_multi_token_chunks_equal_uncached(model):
+    ids, mask, pos = left_padded(T=40)
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, position_ids=pos).logits
+        cache = hha.HybridCache(model.config)
+        outs = []
+        for a, b in [(0, 7), (7, 8), (8, 20), (20, 40)]:
+            outs.append(model(ids[:, a:b], attention_mask=mask[:, :b], position_ids=pos[:, a:b],
+                              past_key_values=cache, use_cache=True).logits)
+    assert (torch.cat(outs, 1) - full)[mask.bool()].abs().max().item() <= 1e-5
+
+
+def test_dynamic_cache_takes_exact_full_history_path(model):
+    ids, mask, pos = left_padded()
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, position_ids=pos).logits
+        cache = DynamicCache(config=model.config)
+        outs = [model(ids[:, :10], attention_mask=mask[:, :10], position_ids=pos[:, :10], past_key_values=cache).logits]
+        for t in range(10, 30):
+            outs.append(model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], position_ids=pos[:, t : t + 1],
+                              past_key_values=cache).logits)
+    assert (torch.cat(outs, 1) - full)[mask.bool()].abs().max().item() <= 1e-5
+
+
+def test_generate_greedy_matches_uncached_argmax(model):
+    ids, mask, _ = left_padded()
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    full_mask = torch.cat([mask, torch.ones(3, 12, dtype=torch.long)], 1)
+    with torch.no_grad():
+        logits = model(out, attention_mask=full_mask, position_ids=(full_mask.cumsum(1) - 1).clamp(min=0)).logits
+    assert torch.equal(logits[:, 29:-1].argmax(-1), out[:, 30:])
+
+
+def test_generate_uses_hybrid_cache_with_constant_memory(model):
+    ids = torch.randint(3, 99, (2, 8))
+    sizes = []
+    for n in (20, 60):
+        res = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, return_dict_in_generate=True)
+        assert isinstance(res.past_key_values, hha.HybridCache)
+        sizes.append(res.past_key_values.memory_bytes())
+    assert sizes[0] == sizes[1]
+
+
+def test_sampling_and_beam_search(model):
+    ids, mask, _ = left_padded()
+    torch.manual_seed(0)
+    a = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=True, top_k=10)
+    torch.manual_seed(0)
+    b = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=True, top_k=10)
+    assert torch.equal(a, b) and a.shape == (3, 36)
+    beams = model.generate(ids, attention_mask=mask, max_new_tokens=6, num_beams=3, num_return_sequences=2,
+                           return_dict_in_generate=True, output_scores=True)
+    assert beams.sequences.shape == (6, 36)
+    # the best beam's score equals the uncached log-probability of its continuation
+    seq = beams.sequences[0:1]
+    m = torch.cat([mask[0:1], torch.ones(1, 6, dtype=torch.long)], 1)
+    with torch.no_grad():
+        logp = model(seq, attention_mask=m).logits.log_softmax(-1)
+    tok_lp = logp[0, 29:-1].gather(-1, seq[0, 30:, None]).sum()
+    assert abs(tok_lp.item() - beams.sequences_scores[0].item() * 6) < 1e-3
+
+
+def test_assisted_decoding_is_refused(model):
+    ids = torch.randint(3, 99, (1, 5))
+    with pytest.raises(ValueError, match="assisted / speculative decoding"):
+        model.generate(ids, assistant_model=model, max_new_tokens=3)
+    with pytest.raises(ValueError, match="prompt_lookup_num_tokens"):
+        model.generate(ids, prompt_lookup_num_tokens=2, max_new_tokens=3)
+    cache = hha.HybridCache(model.config)
+    with pytest.raises(NotImplementedError, match="cannot be cropped"):
+        cache.layers[0].crop(1)

@@ -1,0 +1,89 @@
+"""Stage 2 (LoRA fine-tuning) on a tiny model: what trains, early stopping, merge, component mode."""
+
+import pytest
+import torch
+from peft import PeftModel
+
+import hf_hybrid_attn as hha
+from conftest import randomize_mixers, tiny_model
+from hf_hybrid_attn.training.finetune import FinetuneConfig, finetune
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _model():
+    torch.manual_seed(0)
+    m = hha.convert(tiny_model(), window=4, feature_dim=8)
+    randomize_mixers(m)
+    return m
+
+
+def _data(n=24, T=24, seed=2):
+    return torch.randint(3, 99, (n, T), generator=torch.Generator().manual_seed(seed))
+
+
+def _params(m):
+    return {n: p.detach().clone() for n, p in m.named_parameters()}
+
+
+@pytest.mark.parametrize("train_feature_maps", [False, True])
+def test_lora_trains_attention_projections_and_feature_maps_only_on_request(tmp_path, train_feature_maps):
+    model = _model()
+    before = _params(model)
+    cfg = FinetuneConfig(max_steps=3, batch_size=2, grad_accum=1, lr=5e-2, eval_every=10,
+                         train_feature_maps=train_feature_maps)
+    merged, log = finetune(model, _data(), cfg, None, str(tmp_path), progress=False)
+    after = _params(merged)
+    assert set(after) == set(before)  # merged back into the plain hybrid model
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert {n.rsplit(".", 2)[-2] for n in changed if "proj" in n} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert not any("mlp" in n or "embed" in n or "norm" in n for n in changed)
+    hybrid_changed = {n for n in changed if ".hybrid." in n}
+    assert bool(hybrid_changed) == train_feature_maps
+    assert log["steps_done"] == 3 and log["tokens"] == 3 * 2 * 24
+
+
+def test_early_stopping_keeps_the_best_checkpoint(tmp_path):
+    model = _model()
+    data = _data()
+    # a learning rate far too large: validation loss rises after the first evaluation
+    cfg = FinetuneConfig(max_steps=40, batch_size=2, grad_accum=1, lr=0.5, eval_every=1, early_stopping_patience=2,
+                         merge=False)
+    peft_model, log = finetune(model, data[4:], cfg, data[:4], str(tmp_path), progress=False)
+    assert isinstance(peft_model, PeftModel)
+    assert log["stopped_early"] and log["steps_done"] < 40
+    best = min(v["loss"] for v in log["val_curve"])
+    assert log["best_val_loss"] == pytest.approx(best)
+    assert log["final_val_loss"] == pytest.approx(best, rel=1e-5)  # the best adapter was reloaded
+    assert log["val_curve"][-1]["loss"] > best  # ...and it was not the last one
+    assert (tmp_path / "final" / "adapter_model.safetensors").exists()
+
+
+def test_train_mode_linear_only_then_final_mode(tmp_path):
+    seen = []
+
+    def probe(module, args):
+        seen.append(module.hybrid.mode)
+
+    model = _model()
+    for _, attn in hha.iter_hybrid_attention(model):
+        attn.register_forward_pre_hook(probe)
+    cfg = FinetuneConfig(max_steps=2, batch_size=2, grad_accum=1, eval_every=10, train_mode="linear_only",
+                         final_mode="hybrid")
+    merged, _ = finetune(model, _data(), cfg, None, str(tmp_path), progress=False)
+    assert set(seen) == {"linear_only"}
+    assert hha.get_component_modes(merged) == {0: "hybrid", 1: "hybrid"}
+    assert merged.config.hybrid["component_mode"] == "hybrid"
+
+
+def test_finetune_errors(tmp_path):
+    with pytest.raises(ValueError, match="train_mode"):
+        finetune(_model(), _data(), FinetuneConfig(max_steps=1, train_mode="fast"), None, str(tmp_path))
+    with pytest.raises(ValueError, match="tokens or max_steps"):
+        finetune(_model(), _data(), FinetuneConfig(), None, str(tmp_path))

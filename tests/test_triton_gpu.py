@@ -1,0 +1,177 @@
+"""Triton hybrid kernels on a real GPU: bf16 and fp32 at realistic sizes (D = F = 128, GQA 4:1).
+
+Skipped without CUDA. Run on the GPU machine with `pytest -m gpu tests/test_triton_gpu.py`.
+fp32 uses exact (IEEE) dots, so it is held to the interpreter's tolerance; bf16 is compared by
+relative L2 error (max-abs errors of bf16 are dominated by a few rounding outliers).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+B, H, HKV, D, FD = 2, 8, 2, 128, 128
+NAMES = ("q", "k", "v", "phi_q", "phi_k", "gamma", "alpha")
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+
+
+def inputs(T, dtype, *, Tk=None, pad=(0, 0), init=False, seed=0):
+    Tk = T if Tk is None else Tk
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def rnd(*s):
+        return torch.randn(*s, generator=g, device="cuda")
+
+    x = dict(
+        q=rnd(B, H, T, D), k=rnd(B, HKV, Tk, D), v=rnd(B, HKV, Tk, D),
+        phi_q=torch.softmax(rnd(B, H, T, FD), -1), phi_k=torch.softmax(rnd(B, H, Tk, FD), -1),
+        gamma=torch.rand(H, generator=g, device="cuda") * 0.8 + 0.1,
+        alpha=torch.rand(H, generator=g, device="cuda") + 0.5,
+    )
+    x = {n: (t.to(dtype) if t.dim() == 4 else t) for n, t in x.items()}
+    valid = torch.ones(B, Tk, dtype=torch.bool, device="cuda")
+    for b, p in enumerate(pad):
+        valid[b, :p] = False
+    state = (torch.rand(B, H, FD, D, device="cuda"), torch.rand(B, H, FD, device="cuda")) if init else None
+    return x, valid, state
+
+
+def l2_err(a, b):
+    return ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def max_err(a, b, scale):
+    return ((a.double() - b).abs().max() / max(b.abs().max().item(), scale)).item()
+
+
+def compare(dtype, got, want, scale=0.0):
+    err = max_err(got, want, scale) if dtype == torch.float32 else l2_err(got, want)
+    assert err < TOL[dtype], err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode,covers", [("hybrid", False), ("hybrid", True), ("swa_only", False), ("linear_only", False)])
+def test_forward_backward_vs_float64_reference(dtype, mode, covers):
+    from hf_hybrid_attn.kernels.reference import hybrid_attention_reference
+    from hf_hybrid_attn.kernels.triton_hybrid import hybrid_attention_triton
+
+    T, window = 1000, 64
+    x, valid, state = inputs(T, dtype, pad=(0, 123), init=True)
+    kw = dict(window=window, scale=D**-0.5, mode=mode, linear_covers_window=covers, key_valid=valid)
+    xt = {n: t.clone().requires_grad_() for n, t in x.items()}
+    y = hybrid_attention_triton(**xt, initial_state=state, **kw)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, list(xt.values()), dy, allow_unused=True)
+    xr = {n: t.double().requires_grad_() for n, t in x.items()}
+    y_r = hybrid_attention_reference(**xr, initial_state=tuple(s.double() for s in state), **kw)
+    grads_r = torch.autograd.grad(y_r, list(xr.values()), dy.double(), allow_unused=True)
+    assert y.dtype == dtype
+    compare(dtype, y, y_r)
+    scale = grads_r[2].abs().max().item()
+    for name, got, want in zip(NAMES, grads, grads_r):
+        if want is None:
+            assert got is None or got.abs().max().item() == 0.0, name
+            continue
+        if dtype == torch.bfloat16 and name in ("gamma", "alpha"):
+            # sums over B*T rows of terms that nearly cancel: compare against their own spread
+            assert (got.double() - want).abs().max().item() < 5e-2 * max(want.abs().max().item(), 1.0), name
+            continue
+        compare(dtype, got, want, scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_long_sequence_matches_chunked_torch(dtype):
+    """T = 8192 with window 100 (three explicit tiles): against the chunked fp32 PyTorch path."""
+    from hf_hybrid_attn.kernels.chunked import hybrid_attention_chunked
+    from hf_hybrid_attn.kernels.triton_hybrid import hybrid_attention_triton
+
+    x, valid, _ = inputs(8192, dtype, pad=(0, 700))
+    kw = dict(window=100, scale=D**-0.5, key_valid=valid, return_stats=True)
+    y, lin_den, den = hybrid_attention_triton(**x, **kw)
+    y_c, lin_den_c, den_c = hybrid_attention_chunked(**{n: t.double() for n, t in x.items()}, **kw)
+    compare(dtype, y, y_c)
+    compare(dtype, den, den_c)
+    compare(dtype, lin_den, lin_den_c)
+
+
+def test_backward_is_deterministic():
+    from hf_hybrid_attn.kernels.triton_hybrid import hybrid_attention_triton
+
+    x, valid, _ = inputs(2048, torch.bfloat16, pad=(0, 5))
+    runs = []
+    for _ in range(2):
+        xt = {n: t.clone().requires_grad_() for n, t in x.items()}
+        y = hybrid_attention_triton(**xt, window=64, scale=D**-0.5, key_valid=valid)
+        runs.append(torch.autograd.grad(y, list(xt.values()), torch.ones_like(y)))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_steps_match_the_uncached_forward(dtype):
+    from hf_hybrid_attn.kernels.reference import hybrid_attention_reference
+    from hf_hybrid_attn.kernels.triton_decode import DecodeCache, hybrid_decode_triton
+    from hf_hybrid_attn.kernels.triton_hybrid import hybrid_attention_triton
+
+    T, P, window = 700, 600, 64
+    x, valid, state = inputs(T, dtype, pad=(40, 0), init=True)
+    cut = {n: (t[:, :, :P] if t.dim() == 4 else t) for n, t in x.items()}
+    _, prefill_state = hybrid_attention_triton(**cut, window=window, scale=D**-0.5, key_valid=valid[:, :P],
+                                               initial_state=state, return_state=True)
+    cache = DecodeCache.from_prefill(cut["k"], cut["v"], prefill_state, window, key_valid=valid[:, :P],
+                                     phi_k=cut["phi_k"])
+    ys = []
+    for i in range(P, T):
+        step = {n: x[n][:, :, i : i + 1] for n in ("q", "k", "v", "phi_q", "phi_k")}
+        ys.append(hybrid_decode_triton(**step, gamma=x["gamma"], alpha=x["alpha"], cache=cache, scale=D**-0.5,
+                                       key_valid=valid[:, i]))
+    want = hybrid_attention_reference(**{n: t.double() for n, t in x.items()}, window=window, scale=D**-0.5,
+                                      key_valid=valid, initial_state=tuple(s.double() for s in state))
+    compare(dtype, torch.cat(ys, 2), want[:, :, P:])
+
+
+def test_decode_step_replays_in_a_cuda_graph():
+    from hf_hybrid_attn.kernels.triton_decode import DecodeCache, hybrid_decode_triton
+
+    window, steps = 16, 40
+    x, _, _ = inputs(steps, torch.bfloat16)
+    static = {n: x[n][:, :, :1].clone() for n in ("q", "k", "v", "phi_q", "phi_k")}
+
+    def fresh():
+        return DecodeCache.empty(B, H, HKV, D, FD, window, dtype=torch.bfloat16, device="cuda", keep_phi_k=True)
+
+    eager_cache, graph_cache = fresh(), fresh()
+    eager = []
+    for i in range(steps):
+        step = {n: x[n][:, :, i : i + 1] for n in static}
+        eager.append(hybrid_decode_triton(**step, gamma=x["gamma"], alpha=x["alpha"], cache=eager_cache,
+                                          scale=D**-0.5))
+    warm = fresh()  # compile outside the capture, on a throw-away cache
+    hybrid_decode_triton(**static, gamma=x["gamma"], alpha=x["alpha"], cache=warm, scale=D**-0.5)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_static = hybrid_decode_triton(**static, gamma=x["gamma"], alpha=x["alpha"], cache=graph_cache,
+                                        scale=D**-0.5)
+    assert graph_cache.position.item() == 0  # capturing records the step without running it
+    for i in range(steps):
+        for n in static:
+            static[n].copy_(x[n][:, :, i : i + 1])
+        graph.replay()
+        assert torch.equal(y_static, eager[i]), i
+    assert graph_cache.position.item() == steps
+
+
+def test_dispatch_auto_uses_triton_on_cuda():
+    from hf_hybrid_attn.kernels.dispatch import hybrid_attention, resolve_backend
+    from hf_hybrid_attn.kernels.triton_hybrid import hybrid_attention_triton
+
+    assert resolve_backend("auto", torch.device("cuda")) == "triton"
+    x, valid, _ = inputs(300, torch.bfloat16, pad=(7, 0))
+    kw = dict(window=64, scale=D**-0.5, key_valid=valid)
+    assert torch.equal(hybrid_attention(**x, backend="auto", **kw), hybrid_attention_triton(**x, **kw))
