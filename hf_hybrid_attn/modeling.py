@@ -142,6 +142,38 @@ class HybridModelMixin:
                 f.write(LOADER_SHIM.format(cfg=cfg_name, lm=lm_name, base=base_type))
         return out
 
+    def push_to_hub(self, repo_id: str, *, token=None, revision=None, private=None, commit_message=None,
+                    diagnostics=None, card_data=None, training=None, remote_code: bool = False, tags=None,
+                    **kwargs):
+        """`model.push_to_hub(repo)`: the weights, config, loader shim AND the hybrid model card (recipe,
+        diagnostics, how to load) go up in one commit, via `hf_hybrid_attn.hub.push_to_hub`, so the card
+        is never replaced by transformers' generic one. Returns huggingface_hub's CommitInfo."""
+        import importlib
+
+        try:  # not a relative import: the trust_remote_code export copies modeling code, not the hub tools
+            push_to_hub = importlib.import_module("hf_hybrid_attn.hub").push_to_hub
+        except ImportError as e:
+            raise ImportError("push_to_hub of a hybrid model (with its model card) needs the hf_hybrid_attn "
+                              "package: pip install hf-hybrid-attn") from e
+        if kwargs.get("safe_serialization", True) is not True:
+            raise ValueError("safe_serialization: hybrid checkpoints are pushed as safetensors only; leave it True")
+        if kwargs.get("create_pr"):
+            raise ValueError("create_pr: pull requests are not supported by hf_hybrid_attn's push; push to a branch "
+                             "with revision='my-branch' instead")
+        ignored = {"safe_serialization", "create_pr", "use_temp_dir", "commit_description"}
+        unknown = sorted(k for k in kwargs if k not in ignored)
+        if unknown:
+            raise TypeError(f"push_to_hub: unsupported argument(s) {unknown}; supported: token, revision, private, "
+                            "commit_message, diagnostics, card_data, training, remote_code, tags")
+        if tags:
+            if isinstance(tags, str):
+                tags = [tags]
+            card_data = dict(card_data or {})
+            card_data["tags"] = list(card_data.get("tags") or []) + list(tags)  # de-duplicated in the card
+        return push_to_hub(self, repo_id, token=token, revision=revision, private=bool(private),
+                           commit_message=commit_message, diagnostics=diagnostics, card_data=card_data,
+                           training=training, remote_code=remote_code)
+
     def generate(self, *args, **kwargs):
         gen_cfg = kwargs.get("generation_config")
         for name in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit"):

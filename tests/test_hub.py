@@ -87,6 +87,10 @@ def test_model_push_pull_exact(roundtrip):
     assert r["v1_v2_differ"] > 1e-2
     assert r["diff_dev"] == 0.0 and r["diff_main_after_dev"] == 0.0
     assert r["dev_commit"] != r["commit"]
+    # model.push_to_hub (the native method) pushes the hybrid card too, with the user's tag added
+    assert "hybrid-linear-swa" in r["dev_card_text"] and "my-tag" in r["dev_card_text"]
+    assert "import hf_hybrid_attn" in r["dev_card_text"]
+    assert r["native_bad_kwarg"]["type"] == "ValueError" and "safe_serialization" in r["native_bad_kwarg"]["message"]
     assert "model.safetensors" in r["files"] and "config.json" in r["files"]
     assert not [f for f in r["files"] if f.endswith((".bin", ".pt", ".pth"))]
 

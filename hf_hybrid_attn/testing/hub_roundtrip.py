@@ -107,7 +107,7 @@ def _error(fn) -> dict[str, Any]:
 
 # ---- scenarios ---------------------------------------------------------------------------------
 def scenario_model() -> dict[str, Any]:
-    from huggingface_hub import HfApi, ModelCard
+    from huggingface_hub import HfApi, ModelCard, hf_hub_download
     from transformers import AutoModelForCausalLM
 
     from hf_hybrid_attn import hub
@@ -127,8 +127,11 @@ def scenario_model() -> dict[str, Any]:
     # a second version on a branch: both revisions load their own weights
     v2 = tiny_hybrid(seed=1)
     ref2 = _logits(v2)
-    info2 = hub.push_to_hub(v2, REPO, revision="dev")
+    info2 = v2.push_to_hub(REPO, revision="dev", tags=["my-tag"])  # the model's own method: same path
     out["dev_commit"] = info2.oid
+    with open(hf_hub_download(REPO, "README.md", revision="dev")) as f:
+        out["dev_card_text"] = f.read()
+    out["native_bad_kwarg"] = _error(lambda: v2.push_to_hub(REPO, revision="dev", safe_serialization=False))
     out["diff_dev"] = _maxdiff(_logits(AutoModelForCausalLM.from_pretrained(REPO, revision="dev")), ref2)
     out["diff_main_after_dev"] = _maxdiff(_logits(AutoModelForCausalLM.from_pretrained(REPO, revision="main")), ref)
     out["v1_v2_differ"] = _maxdiff(ref, ref2)

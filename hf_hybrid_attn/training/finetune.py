@@ -229,10 +229,14 @@ def finetune(
         log["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     # The final adapter (best one with early stopping) and the log mark the stage as finished: a
     # later --resume loads them instead of training again (the Trainer would run an extra step).
-    peft_model.save_pretrained(final_dir)
-    with open(os.path.join(final_dir, FINAL_LOG + ".tmp"), "w") as f:
-        json.dump(log, f, indent=2, default=str)
-    os.replace(os.path.join(final_dir, FINAL_LOG + ".tmp"), os.path.join(final_dir, FINAL_LOG))
+    # Under a multi-process launch only the main process writes; the others wait for it, so no rank
+    # can see (or race on) a half-written final folder.
+    if trainer.is_world_process_zero():
+        peft_model.save_pretrained(final_dir)
+        with open(os.path.join(final_dir, FINAL_LOG + ".tmp"), "w") as f:
+            json.dump(log, f, indent=2, default=str)
+        os.replace(os.path.join(final_dir, FINAL_LOG + ".tmp"), os.path.join(final_dir, FINAL_LOG))
+    trainer.accelerator.wait_for_everyone()
     out = peft_model.merge_and_unload() if cfg.merge else peft_model
     return out, log
 
