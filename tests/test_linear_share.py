@@ -1,9 +1,9 @@
 """`collect_linear_share`: the LA share of the normaliser per layer and head (SPEC §4)."""
 
 import torch
-from conftest import randomize_mixers, tiny_model
 
 import hf_hybrid_attn as hha
+from conftest import randomize_mixers, tiny_model
 from hf_hybrid_attn.kernels import hybrid_attention_reference
 
 
