@@ -510,7 +510,10 @@ def push_adapter(
             for n in _top_level_files(src):
                 shutil.copy2(os.path.join(src, n), os.path.join(tmp, n))
         elif hasattr(peft_model_or_dir, "peft_config") and hasattr(peft_model_or_dir, "get_base_model"):
-            peft_model_or_dir.save_pretrained(tmp)
+            from .modeling import quiet_base_config_probe
+
+            with quiet_base_config_probe():
+                peft_model_or_dir.save_pretrained(tmp)
             base_config = peft_model_or_dir.get_base_model().config.to_dict()
         else:
             raise ValueError(f"peft_model_or_dir: expected a peft.PeftModel or an adapter folder, got {type(peft_model_or_dir).__name__}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib
+import logging
 import os
 from collections.abc import Iterable, Iterator
 
@@ -183,6 +184,28 @@ class HybridModelMixin:
                     "linear-attention state cannot be rolled back after rejected draft tokens"
                 )
         return super().generate(*args, **kwargs)
+
+
+class _BaseConfigProbeFilter(logging.Filter):
+    """peft's adapter save re-reads the base model's config.json (base_model_name_or_path = the
+    teacher, model_type 'llama') through the hybrid config class, only to compare vocab sizes;
+    transformers then warns 'using a model of type llama to instantiate hybrid_llama'. That read is
+    expected and harmless, so only this exact message is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not ("to instantiate a model of type `hybrid_" in msg and "You are using a model of type" in msg)
+
+
+@contextlib.contextmanager
+def quiet_base_config_probe():
+    log = logging.getLogger("transformers.configuration_utils")
+    f = _BaseConfigProbeFilter()
+    log.addFilter(f)
+    try:
+        yield
+    finally:
+        log.removeFilter(f)
 
 
 def _family_classes(base_type: str) -> tuple[type, type]:

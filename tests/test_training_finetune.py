@@ -87,3 +87,34 @@ def test_finetune_errors(tmp_path):
         finetune(_model(), _data(), FinetuneConfig(max_steps=1, train_mode="fast"), None, str(tmp_path))
     with pytest.raises(ValueError, match="tokens or max_steps"):
         finetune(_model(), _data(), FinetuneConfig(), None, str(tmp_path))
+
+
+def test_adapter_saves_do_not_warn_about_the_base_config(tmp_path):
+    """peft re-reads the teacher's config.json (model_type 'llama') through the hybrid config class
+    on every adapter save; transformers' 'model of type llama to instantiate hybrid_llama' warning
+    is expected there and must not reach the user, while other config warnings still do."""
+    import logging
+
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    tiny_model().save_pretrained(tmp_path / "teacher")
+    model = hha.convert(AutoModelForCausalLM.from_pretrained(tmp_path / "teacher"), window=4, feature_dim=8)
+    seen = []
+
+    class Catch(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    log = hf_logging.get_logger("transformers.configuration_utils")
+    handler = Catch()
+    log.addHandler(handler)
+    try:
+        cfg = FinetuneConfig(max_steps=2, batch_size=2, grad_accum=1, eval_every=1, merge=False)
+        peft_model, _ = finetune(model, _data(), cfg, _data(4, seed=3), str(tmp_path / "out"), progress=False)
+        log.warning("You are using a model of type `llama` to instantiate a model of type `llama2`.")  # not ours
+    finally:
+        log.removeHandler(handler)
+    assert (tmp_path / "out" / "final" / "adapter_model.safetensors").is_file()
+    assert not any("instantiate a model of type `hybrid_" in m for m in seen), seen
+    assert any("`llama2`" in m for m in seen)  # the filter is gone after training and is narrow

@@ -238,7 +238,10 @@ def run_convert(args) -> int:
     model, log = run_recipe(model, recipe, data, args.out, tokens=args.tokens, resume=args.resume,
                             progress=not args.no_progress)
     if args.no_merge and hasattr(model, "get_base_model"):
-        model.save_pretrained(os.path.join(args.out, "adapter"))
+        from ..modeling import quiet_base_config_probe
+
+        with quiet_base_config_probe():
+            model.save_pretrained(os.path.join(args.out, "adapter"))
         model = model.get_base_model()
     model.save_pretrained(args.out)
     tok.save_pretrained(args.out)

@@ -19,7 +19,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..config import COMPONENT_MODES
-from ..modeling import set_component_mode
+from ..modeling import quiet_base_config_probe, set_component_mode
 from .data import PackedDataset
 
 FINAL_DIR = "final"
@@ -196,7 +196,8 @@ def finetune(
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()  # peak_cuda_mb is this stage's own
     t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    with quiet_base_config_probe():
+        result = trainer.train(resume_from_checkpoint=checkpoint)
     wall = time.perf_counter() - t0
     history = list(trainer.state.log_history)
     final_eval = trainer.evaluate()["eval_loss"] if use_eval else None
@@ -232,7 +233,8 @@ def finetune(
     # Under a multi-process launch only the main process writes; the others wait for it, so no rank
     # can see (or race on) a half-written final folder.
     if trainer.is_world_process_zero():
-        peft_model.save_pretrained(final_dir)
+        with quiet_base_config_probe():
+            peft_model.save_pretrained(final_dir)
         with open(os.path.join(final_dir, FINAL_LOG + ".tmp"), "w") as f:
             json.dump(log, f, indent=2, default=str)
         os.replace(os.path.join(final_dir, FINAL_LOG + ".tmp"), os.path.join(final_dir, FINAL_LOG))
