@@ -138,6 +138,17 @@ class HybridCacheLayer(CacheLayerMixin):
         self._advance_sinks(k, v, key_valid, Tk - new, offset, num_sinks)
         self._pending = 0
 
+    @torch.no_grad()
+    def commit_decode(self, keys, values, valid, state, k, v, key_valid, num_sinks: int) -> None:
+        """After a fused decode step (the kernel folded the token leaving the window into `state` and
+        the new token joined the window): store the new window buffer and state, as `advance` would."""
+        if self._pending != 1:
+            raise RuntimeError("HybridCacheLayer.commit_decode() expects exactly one pending token from update()")
+        offset = self.seen_tokens_before(1)
+        self.keys, self.values, self.valid, self.state = keys, values, valid, state
+        self._advance_sinks(k, v, key_valid, k.shape[2] - 1, offset, num_sinks)
+        self._pending = 0
+
     def _advance_sinks(self, k, v, key_valid, n_old, offset, num_sinks):
         new_valid = key_valid[:, n_old:]
         idx, idx_valid = first_valid(new_valid, num_sinks)

@@ -14,7 +14,8 @@ import torch.nn as nn
 
 from .config import COMPONENT_MODES, HybridConfig
 from .feature_maps import build_feature_map
-from .kernels import hybrid_attention, sinks_attention
+from .kernels import hybrid_attention, sinks_attention, validate_inputs
+from .kernels.dispatch import resolve_backend
 
 
 def _expand_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -129,6 +130,9 @@ class HybridMixer(nn.Module):
                 phi_q_, phi_k_ = phi_q, phi_k
             gamma, alpha = self.gamma(), self.alpha()
             drop = self.swa_drop if mode == "hybrid" else None
+            if drop is None and not return_stats and self._fused_decode_applies(q, k, v, cache_layer):
+                validate_inputs(q, k, v, phi_q, phi_k, gamma, alpha, mode=mode, **kw)
+                return self._fused_decode(q, k, v, phi_q, phi_k, gamma, alpha, key_valid, scaling, cache_layer, mode)
             if drop is not None:
                 out = self._with_row_drop(q, k, v, phi_q_, phi_k_, gamma, alpha, drop, kw)
             else:
@@ -145,6 +149,56 @@ class HybridMixer(nn.Module):
                 lin_den = torch.zeros(q.shape[:3], dtype=torch.float32, device=q.device)
                 den = lin_den
             return y, lin_den, den
+        return y
+
+    def _fused_decode_applies(self, q, k, v, cache_layer) -> bool:
+        """One new token per sequence, with a cache, on the Triton backend (auto on CUDA), no
+        gradient: the fused decode-step kernel (`kernels/triton_decode.py`) does the whole step."""
+        if cache_layer is None or q.shape[2] != 1 or k.shape[2] > self.window:
+            return False  # (a buffer longer than w-1 happens once after set_window shrinks w)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            return False
+        return resolve_backend(self.backend, q.device) == "triton"
+
+    def _fused_decode(self, q, k, v, phi_q, phi_k, gamma, alpha, key_valid, scaling, cache_layer, mode):
+        """k/v/phi_k/key_valid = the cache's window buffer (n <= w-1 tokens, oldest first) + the new
+        token. The buffer is laid out as the kernel's ring with the oldest token in slot 0 (invalid
+        front padding while n < w-1), so the kernel folds exactly the token leaving the window into
+        the fp32 state, in place, and writes the new token into that slot."""
+        from .kernels.triton_decode import DecodeCache, hybrid_decode_triton
+
+        B, _, Tk, _ = k.shape
+        n, w1 = Tk - 1, self.window - 1
+        pad = w1 - n
+
+        def ring(x):
+            x = x[:, :, :n]
+            if pad:
+                x = torch.cat([x.new_zeros(*x.shape[:2], pad, x.shape[-1]), x], 2)
+            return x.contiguous()
+
+        valid = key_valid[:, :n]
+        if pad:
+            valid = torch.cat([valid.new_zeros(B, pad), valid], 1)
+        state = cache_layer.linear_state()
+        if state is None:
+            S = torch.zeros(B, self.num_heads, phi_k.shape[-1], v.shape[-1], dtype=torch.float32, device=q.device)
+            z = torch.zeros(B, self.num_heads, phi_k.shape[-1], dtype=torch.float32, device=q.device)
+        else:
+            S, z = (t.float().contiguous() for t in state)
+        cache = DecodeCache(k_win=ring(k), v_win=ring(v), valid=valid.contiguous(), S=S, z=z,
+                            position=torch.zeros(1, dtype=torch.int64, device=q.device), phi_k_win=ring(phi_k))
+        y = hybrid_decode_triton(q, k[:, :, n:], v[:, :, n:], phi_q, phi_k[:, :, n:], gamma, alpha, cache,
+                                 scale=scaling, mode=mode, linear_covers_window=self.linear_covers_window,
+                                 key_valid=key_valid[:, n])
+        keep = min(n + 1, w1)  # the new token sits in slot 0: rotate it to the end, drop the padding
+
+        def window_of(x):
+            return torch.roll(x, -1, dims=2)[:, :, w1 - keep:] if keep else x[:, :, :0]
+
+        new_valid = torch.roll(cache.valid, -1, dims=1)[:, w1 - keep:] if keep else key_valid[:, :0]
+        cache_layer.commit_decode(window_of(cache.k_win), window_of(cache.v_win), new_valid, (cache.S, cache.z),
+                                  k, v, key_valid, self.num_sinks)
         return y
 
     def _with_row_drop(self, q, k, v, phi_q, phi_k, gamma, alpha, drop, kw):

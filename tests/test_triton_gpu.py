@@ -175,3 +175,36 @@ def test_dispatch_auto_uses_triton_on_cuda():
     x, valid, _ = inputs(300, torch.bfloat16, pad=(7, 0))
     kw = dict(window=64, scale=D**-0.5, key_valid=valid)
     assert torch.equal(hybrid_attention(**x, backend="auto", **kw), hybrid_attention_triton(**x, **kw))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_generate_on_cuda_runs_the_fused_decode_kernel(dtype, monkeypatch):
+    """generate() on CUDA (backend auto) decodes through kernels/triton_decode.py and matches the
+    PyTorch path: fp32 token-exact greedy output, bf16 logits to bf16 tolerance."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import hf_hybrid_attn as hha
+    import hf_hybrid_attn.kernels.triton_decode as triton_decode
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=2, bos_token_id=1)
+    model = hha.convert(LlamaForCausalLM(cfg), window=16, feature_dim=64).to("cuda", dtype).eval()
+    calls = []
+    real = triton_decode.hybrid_decode_triton
+    monkeypatch.setattr(triton_decode, "hybrid_decode_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ids = torch.randint(3, 256, (3, 40), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0,
+              output_scores=True, return_dict_in_generate=True)
+    out = model.generate(ids, **kw)
+    assert len(calls) == 2 * 23
+    for _, attn in hha.iter_hybrid_attention(model):
+        attn.hybrid.backend = "torch"
+    ref = model.generate(ids, **kw)
+    if dtype == torch.float32:
+        assert torch.equal(out.sequences, ref.sequences)
+    first = min(i for i in range(24) if i == 23 or not torch.equal(out.sequences[:, 40 + i], ref.sequences[:, 40 + i]))
+    for i in range(first + 1):  # logits agree up to the first token where the two paths pick differently
+        compare(dtype, out.scores[i].float(), ref.scores[i].double(), scale=1.0)
