@@ -92,6 +92,7 @@ def test_each_recipe_runs_and_is_recorded_in_the_checkpoint(name, tmp_path):
     if name == "ssd":
         assert "ssd_drop_p" in log["stages"]["finetune"]["train_curve"][0]
     by_mode = log["val_loss_by_mode"]
+    assert log["kernels"] == {"auto@cpu": "kernels/chunked.py (PyTorch chunked, autograd)"}  # which kernels ran
     assert set(by_mode) == {"hybrid", "swa_only", "linear_only"} and len(set(by_mode.values())) == 3
     model.save_pretrained(tmp_path / "saved")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")

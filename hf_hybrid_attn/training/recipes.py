@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ..config import HybridConfig
+from ..layers import HybridMixer
 from ..modeling import component_mode, convert, iter_hybrid_attention
 from .data import PackedData
 from .finetune import FinetuneConfig, finetune
@@ -192,6 +193,24 @@ def training_record(recipe: Recipe, logs: dict[str, dict], data_info: dict | Non
     }
 
 
+def kernels_used(model) -> dict[str, str]:
+    """Which attention implementation the hybrid layers ran: the backend each layer's device and
+    `backend` setting resolve to (training and prefill; decode steps use the fused decode kernel
+    with the Triton backend)."""
+    from ..kernels.dispatch import resolve_backend
+
+    files = {"triton": "kernels/triton_hybrid.py (Triton chunked scan, fwd + bwd)",
+             "torch": "kernels/chunked.py (PyTorch chunked, autograd)",
+             "reference": "kernels/reference.py (quadratic reference)"}
+    seen = {}
+    for _, attn in iter_hybrid_attention(model):
+        mixer = next(m for m in attn.hybrid.modules() if isinstance(m, HybridMixer))  # (PEFT may wrap it)
+        device = mixer.window_logit.device
+        which = resolve_backend(mixer.backend, device)
+        seen[f"{mixer.backend}@{device.type}"] = files[which]
+    return seen
+
+
 def run_recipe(
     model,
     recipe: Recipe,
@@ -238,7 +257,7 @@ def run_recipe(
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base.config.hybrid[TRAINING_KEY] = record
     log = {"recipe": recipe.name, "recipe_config": recipe.to_dict(), "data": data.info, "stages": logs,
-           "val_loss_by_mode": mode_losses, "total_wall_s": time.perf_counter() - t0}
+           "val_loss_by_mode": mode_losses, "kernels": kernels_used(model), "total_wall_s": time.perf_counter() - t0}
     return model, log
 
 
