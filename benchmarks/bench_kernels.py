@@ -56,7 +56,7 @@ hybrid_attention_reference = _reference.hybrid_attention_reference
 hybrid_attention_triton = _triton_hybrid.hybrid_attention_triton
 DecodeCache, hybrid_decode_triton = _triton_decode.DecodeCache, _triton_decode.hybrid_decode_triton
 
-# Limits of one H100 for one layer at H=32, D=F=128, w=C=64 (shared/KERNELS.md).
+# Limits of one H100 for one layer at H=32, D=F=128, w=C=64 (docs/KERNELS.md).
 LIMITS = {
     "fwd_tokens_per_s": 92e6,  # memory bound, ~1 KiB per token per head
     "fwd_bwd_tokens_per_s": 30e6,
@@ -562,7 +562,7 @@ def write_report(results, args, out_dir: Path):
         f"D={m['head_dim']}, F={m['feature_dim']}, w={m['window']}, chunk {m.get('chunk', 64)} (backward "
         f"{m.get('bwd_chunk', 64)}). Medians of triton.testing.do_bench"
         f"{' (SMOKE RUN: CPU interpreter, single calls, numbers meaningless)' if m['smoke'] else ''}.",
-        f"H100 limits (KERNELS.md): forward {LIMITS['fwd_tokens_per_s'] / 1e6:.0f} M tok/s, forward+backward "
+        f"H100 limits (docs/KERNELS.md): forward {LIMITS['fwd_tokens_per_s'] / 1e6:.0f} M tok/s, forward+backward "
         f"{LIMITS['fwd_bwd_tokens_per_s'] / 1e6:.0f} M tok/s, decode {LIMITS['decode_seconds_per_step_per_seq'] * 1e6:.1f} "
         "us per layer-step per sequence.",
         "",

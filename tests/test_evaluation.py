@@ -271,8 +271,18 @@ def test_corpus_blocks_cut_whole_documents(teacher2):
     _, tok = teacher2
     blocks = _require(perplexity.corpus_blocks, tok, "sotu", block_size=128, max_blocks=3)
     assert blocks.shape == (3, 128)
-    last = assets.tokenize_for_lm(tok, assets.load_corpus("sotu")[-1])
+    # only the documents that `hf-hybrid convert` (val_fraction 0.05, seed 0) holds out, latest first
+    from hf_hybrid_attn.training.data import load_documents, split_documents
+
+    train_docs, val_docs = split_documents(load_documents("sotu"), 0.05, 0)
+    assert perplexity.held_out_documents("sotu") == val_docs
+    last = assets.tokenize_for_lm(tok, val_docs[-1])
     assert blocks[0].tolist() == last[:128] and blocks[1].tolist() == last[128:256]
+    assert val_docs[-1] not in train_docs
+    other = perplexity.corpus_blocks(tok, "sotu", block_size=128, max_blocks=1, held_out=(0.05, 7))
+    assert other[0].tolist() == assets.tokenize_for_lm(tok, split_documents(load_documents("sotu"), 0.05, 7)[1][-1])[:128]
+    everything = perplexity.corpus_blocks(tok, "sotu", block_size=128, max_blocks=1, held_out=None)
+    assert everything[0].tolist() == assets.tokenize_for_lm(tok, assets.load_corpus("sotu")[-1])[:128]
     with pytest.raises(ValueError, match="block_size: expected an int >= 2"):
         perplexity.corpus_blocks(tok, ["x"], block_size=1)
 

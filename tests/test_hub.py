@@ -202,6 +202,10 @@ def test_card_for_smollm2_teacher_shape():
     card = hub.render_model_card(config, "me/x", card_data={"license": "mit", "tags": ["extra"], "base_model": "org/b"})
     meta = card.data.to_dict()
     assert (meta["license"], meta["base_model"]) == ("mit", "org/b") and meta["tags"][0] == hub.TAG and "extra" in meta["tags"]
+    hub.validate_card(card, check_remote=False)
+    for bad in ("not a repo id!", ["org/ok", "/abs/local/path"]):
+        with pytest.raises(ValueError, match="card_data: .*'base_model' must be a Hub repo id"):
+            hub.validate_card(hub.render_model_card(config, "me/x", card_data={"base_model": bad}), check_remote=False)
 
 
 def test_diagnostics_tables_shapes():
@@ -298,3 +302,14 @@ def test_remote_code_repo_loads_from_the_hub_without_the_package(roundtrip):
     assert "hybrid_loader.py" not in r["files"]
     assert r["module"].startswith("transformers_modules.") and r["leaked"] == []
     assert r["diff"] == 0.0
+
+
+def test_cli_push_refuses_remote_code_for_an_adapter(tmp_path):
+    import argparse
+
+    (tmp_path / "adapter_config.json").write_text("{}")
+    parser = argparse.ArgumentParser()
+    hub.add_push_subparser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["push", str(tmp_path), "me/x", "--remote-code"])
+    with pytest.raises(SystemExit, match="--remote-code: DIR is a PEFT adapter"):
+        args.func(args)

@@ -79,6 +79,23 @@ def test_convert_writes_a_loadable_checkpoint_and_a_training_log(assets, tmp_pat
     assert log2["stages"]["transfer"]["train_curve"] == log["stages"]["transfer"]["train_curve"]
 
 
+def test_no_merge_keeps_the_adapter_separate(assets, tmp_path):
+    from peft import PeftModel
+
+    out = tmp_path / "run"
+    assert main(_argv(assets, out, "--recipe", "hedgecats", "--tokens", "2000", "--no-merge",
+                      "--set", "finetune.lr=0.05")) == 0
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    base = AutoModelForCausalLM.from_pretrained(out)
+    assert not any("lora" in k or "base_layer" in k for k in base.state_dict())  # a clean, unmerged base
+    ids = torch.randint(3, 90, (2, 20))
+    with torch.no_grad():
+        plain = base(ids).logits
+        adapted = PeftModel.from_pretrained(base, out / "adapter")(ids).logits
+    assert (adapted - plain).abs().max() > 1e-4  # the adapter carries the stage-2 update
+    assert json.loads((out / "training_log.json").read_text())["recipe_config"]["finetune"]["merge"] is False
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

@@ -6,8 +6,11 @@ window-only model is exact there; for i >= w the keys older than i-w+1 are reach
 the linear branch. `inside` / `beyond` are the perplexities over those two groups of query positions
 (SPEC §4, "where context matters"); `curve` bins them by position for the plot.
 
-Blocks are cut from whole documents (never across a document boundary), starting from the last
-document of the corpus: the most recent speeches are the ones held out from the training split.
+Blocks are cut from whole documents (never across a document boundary). For a named offline
+corpus only the documents that the training pipeline holds out for validation are used
+(`training.data.split_documents` with the same `val_fraction` and `seed`; by default those of
+`hf-hybrid convert`), latest first, so a model converted on that corpus is never scored on text it
+was trained on.
 """
 
 from __future__ import annotations
@@ -18,18 +21,37 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..assets import load_corpus, tokenize_for_lm
+from ..assets import tokenize_for_lm
+
+
+DEFAULT_HELD_OUT = (0.05, 0)  # (val_fraction, seed): the defaults of training.data.load_training_data
+
+
+def held_out_documents(corpus: str, held_out: tuple[float, int] | None = DEFAULT_HELD_OUT) -> list[str]:
+    """The documents of a named corpus that training with (val_fraction, seed) = held_out holds out
+    (all documents when held_out is None), in corpus order."""
+    from ..training.data import load_documents, split_documents
+
+    docs = load_documents(corpus)
+    if held_out is None:
+        return docs
+    val_fraction, seed = held_out
+    return split_documents(docs, val_fraction, seed)[1]
 
 
 def corpus_blocks(
-    tokenizer, corpus: str | Sequence[str], block_size: int = 512, max_blocks: int = 8, from_end: bool = True
+    tokenizer, corpus: str | Sequence[str], block_size: int = 512, max_blocks: int = 8, from_end: bool = True,
+    held_out: tuple[float, int] | None = DEFAULT_HELD_OUT,
 ) -> torch.Tensor:
-    """[N, block_size] token ids: non-overlapping blocks cut from whole documents (no BOS)."""
+    """[N, block_size] token ids: non-overlapping blocks cut from whole documents (no BOS).
+
+    corpus: a named offline corpus (only its held-out validation documents are used, see the
+    module docstring; held_out=None uses them all) or a list of documents (used as given)."""
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
         raise ValueError(f"block_size: expected an int >= 2, got {block_size!r}")
     if isinstance(max_blocks, bool) or not isinstance(max_blocks, int) or max_blocks < 1:
         raise ValueError(f"max_blocks: expected an int >= 1, got {max_blocks!r}")
-    docs = load_corpus(corpus) if isinstance(corpus, str) else list(corpus)
+    docs = held_out_documents(corpus, held_out) if isinstance(corpus, str) else list(corpus)
     blocks: list[list[int]] = []
     for doc in reversed(docs) if from_end else docs:
         ids = tokenize_for_lm(tokenizer, doc)

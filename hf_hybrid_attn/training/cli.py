@@ -110,6 +110,8 @@ def _overrides(args) -> dict[str, Any]:
     if args.bf16:
         o["transfer.bf16"] = o["finetune.bf16"] = True
     o["transfer.seed"] = o["finetune.seed"] = args.seed
+    if args.no_merge:
+        o["finetune.merge"] = False
     o.update(_parse_set(args.set))
     return o
 
@@ -242,7 +244,7 @@ def run_convert(args) -> int:
 
         with quiet_base_config_probe():
             model.save_pretrained(os.path.join(args.out, "adapter"))
-        model = model.get_base_model()
+        model = model.unload()  # the base model without the LoRA layers (not merged)
     model.save_pretrained(args.out)
     tok.save_pretrained(args.out)
     log.update({

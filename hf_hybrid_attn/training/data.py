@@ -6,7 +6,7 @@ which the hybrid layer needs (a packed-sequence mask is not expressible in its l
 EOS separator is the document boundary the model learns, as in LoLCATs' packed Alpaca).
 
 Sources:
-  "sotu" | "austen"        the offline corpora (`hf_hybrid_attn.assets.load_corpus`)
+  "sotu" | "austen" | "boolq"  the offline corpora (`hf_hybrid_attn.assets.load_corpus`)
   path/to/file.txt         one document per block of text separated by blank lines
   path/to/file.jsonl       one document per line (field `text_field`)
   path/to/dir              every *.txt file in it (sorted) is one document
