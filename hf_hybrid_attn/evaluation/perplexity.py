@@ -23,7 +23,6 @@ from tqdm.auto import tqdm
 
 from ..assets import tokenize_for_lm
 
-
 DEFAULT_HELD_OUT = (0.05, 0)  # (val_fraction, seed): the defaults of training.data.load_training_data
 
 
