@@ -22,15 +22,14 @@ import torch
 from tqdm.auto import tqdm
 
 from ..assets import tokenize_for_lm
+from ..training.data import DEFAULT_SEED, DEFAULT_VAL_FRACTION, load_documents, split_documents
 
-DEFAULT_HELD_OUT = (0.05, 0)  # (val_fraction, seed): the defaults of training.data.load_training_data
+DEFAULT_HELD_OUT = (DEFAULT_VAL_FRACTION, DEFAULT_SEED)  # (val_fraction, seed) of `hf-hybrid convert`
 
 
 def held_out_documents(corpus: str, held_out: tuple[float, int] | None = DEFAULT_HELD_OUT) -> list[str]:
     """The documents of a named corpus that training with (val_fraction, seed) = held_out holds out
     (all documents when held_out is None), in corpus order."""
-    from ..training.data import load_documents, split_documents
-
     docs = load_documents(corpus)
     if held_out is None:
         return docs

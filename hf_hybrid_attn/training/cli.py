@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Any
 
-from .data import CORPORA
+from .data import CORPORA, DEFAULT_SEED, DEFAULT_VAL_FRACTION
 from .recipes import RECIPES, _write_json, get_recipe, run_recipe
 
 
@@ -72,7 +72,7 @@ def add_convert_subparser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step (both stages)")
     p.add_argument("--eval-every", type=int, default=None, help="validate every N steps (both stages)")
     p.add_argument("--checkpoint-every", type=int, default=None, help="stage-1 checkpoint every N steps")
-    p.add_argument("--val-fraction", type=float, default=0.05, help="documents held out for validation")
+    p.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION, help="documents held out for validation")
     p.add_argument("--max-val-blocks", type=int, default=64, help="validation blocks kept")
     p.add_argument("--num-layers", type=int, default=None, help="keep only the teacher's first N layers (quick runs)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -80,7 +80,7 @@ def add_convert_subparser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for both stages (CUDA)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
     p.add_argument("--no-merge", action="store_true", help="keep the LoRA adapter separate (OUT/adapter)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 
 CORPORA = ("sotu", "austen", "boolq")
+DEFAULT_VAL_FRACTION = 0.05  # documents held out for validation (also what diagnostics score perplexity on)
+DEFAULT_SEED = 0
 
 
 def load_documents(source: Any, text_field: str = "text") -> list[str]:
@@ -160,10 +162,10 @@ def build_packed_data(
     source: Any = "sotu",
     seq_len: int = 1024,
     window: int | None = None,
-    val_fraction: float = 0.05,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
     max_train_tokens: int | None = None,
     max_val_blocks: int | None = 64,
-    seed: int = 0,
+    seed: int = DEFAULT_SEED,
     text_field: str = "text",
 ) -> PackedData:
     """Tokenise, split by document (deterministic), pack. Raises clear errors for unusable sizes."""

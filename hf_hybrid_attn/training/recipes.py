@@ -23,12 +23,11 @@ from typing import Any
 import torch
 
 from ..config import HybridConfig
-from ..layers import HybridMixer
 from ..modeling import component_mode, convert, iter_hybrid_attention
 from .data import PackedData
 from .finetune import FinetuneConfig, finetune
 from .ssd import GRANULARITIES, Schedule, SSDCallback
-from .transfer import TransferConfig, train_attention_transfer
+from .transfer import TransferConfig, _mixer, train_attention_transfer
 
 #: Key of config.hybrid under which the training record is saved.
 TRAINING_KEY = "training"
@@ -204,7 +203,7 @@ def kernels_used(model) -> dict[str, str]:
              "reference": "kernels/reference.py (quadratic reference)"}
     seen = {}
     for _, attn in iter_hybrid_attention(model):
-        mixer = next(m for m in attn.hybrid.modules() if isinstance(m, HybridMixer))  # (PEFT may wrap it)
+        mixer = _mixer(attn)  # (PEFT may wrap it)
         device = mixer.window_logit.device
         which = resolve_backend(mixer.backend, device)
         seen[f"{mixer.backend}@{device.type}"] = files[which]
