@@ -1,7 +1,8 @@
 """`HybridCache`: constant-memory generation cache (SPEC §2, "Cache").
 
 Per layer it keeps
-  - the last w-1 raw keys/values (and their validity) for the softmax window,
+  - the last w-1 raw keys/values (and their validity) for the softmax window, and their phi_k
+    (so a decode step computes the feature map of the new token only),
   - the fp32 recurrent state S = sum phi_k v^T and z = sum phi_k over every older token,
   - the first `num_sinks` valid keys/values, for the `sinks_only` diagnostic mode.
 
@@ -29,6 +30,7 @@ class HybridCacheLayer(CacheLayerMixin):
         self.keys: torch.Tensor | None = None  # [B, Hkv, n<=w-1, D]
         self.values: torch.Tensor | None = None
         self.valid: torch.Tensor | None = None  # [B, n]
+        self.phi_keys: torch.Tensor | None = None  # phi_k of the window buffer [B, H, n, F'] (not recomputed)
         self.state: tuple[torch.Tensor, torch.Tensor] | None = None  # S [B,H,F,D], z [B,H,F] fp32
         self.sinks: tuple[torch.Tensor, ...] | None = None  # k, v, positions [B,S], valid [B,S]
         self.cumulative_length = 0
@@ -64,7 +66,7 @@ class HybridCacheLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.keys = self.values = self.valid = None
+        self.keys = self.values = self.valid = self.phi_keys = None
         self.state = self.sinks = None
         self.cumulative_length = 0
         self._pending = 0
@@ -74,6 +76,7 @@ class HybridCacheLayer(CacheLayerMixin):
             return None if x is None else x.index_select(0, beam_idx.to(x.device))
 
         self.keys, self.values, self.valid = sel(self.keys), sel(self.values), sel(self.valid)
+        self.phi_keys = sel(self.phi_keys)
         if self.state is not None:
             self.state = tuple(sel(s) for s in self.state)
         if self.sinks is not None:
@@ -84,6 +87,7 @@ class HybridCacheLayer(CacheLayerMixin):
             return None if x is None else x.repeat_interleave(repeats, dim=0)
 
         self.keys, self.values, self.valid = rep(self.keys), rep(self.values), rep(self.valid)
+        self.phi_keys = rep(self.phi_keys)
         if self.state is not None:
             self.state = tuple(rep(s) for s in self.state)
         if self.sinks is not None:
@@ -107,6 +111,13 @@ class HybridCacheLayer(CacheLayerMixin):
     # -- used by the hybrid layer ------------------------------------------------------------------
     def linear_state(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         return self.state
+
+    def buffered_phi_k(self, n_old: int) -> torch.Tensor | None:
+        """phi_k of the `n_old` window-buffer tokens that the last update() put before the new ones,
+        as stored by the previous step (None if there is no such buffer)."""
+        if n_old == 0 or self.phi_keys is None or self.phi_keys.shape[2] != n_old:
+            return None
+        return self.phi_keys
 
     def seen_tokens_before(self, query_length: int) -> int:
         """Absolute position of the first token returned by the last update()."""
@@ -134,18 +145,19 @@ class HybridCacheLayer(CacheLayerMixin):
                 S, z = S + self.state[0], z + self.state[1]
             self.state = (S, z)
         self.keys, self.values = k[:, :, fold:].detach(), v[:, :, fold:].detach()
+        self.phi_keys = phi_k[:, :, fold:].detach()
         self.valid = key_valid[:, fold:]
         self._advance_sinks(k, v, key_valid, Tk - new, offset, num_sinks)
         self._pending = 0
 
     @torch.no_grad()
-    def commit_decode(self, keys, values, valid, state, k, v, key_valid, num_sinks: int) -> None:
+    def commit_decode(self, keys, values, phi_keys, valid, state, k, v, key_valid, num_sinks: int) -> None:
         """After a fused decode step (the kernel folded the token leaving the window into `state` and
         the new token joined the window): store the new window buffer and state, as `advance` would."""
         if self._pending != 1:
             raise RuntimeError("HybridCacheLayer.commit_decode() expects exactly one pending token from update()")
         offset = self.seen_tokens_before(1)
-        self.keys, self.values, self.valid, self.state = keys, values, valid, state
+        self.keys, self.values, self.phi_keys, self.valid, self.state = keys, values, phi_keys, valid, state
         self._advance_sinks(k, v, key_valid, k.shape[2] - 1, offset, num_sinks)
         self._pending = 0
 
@@ -193,7 +205,7 @@ class HybridCache(Cache):
             if not isinstance(layer, HybridCacheLayer):
                 total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if t is not None)
                 continue
-            for t in (layer.keys, layer.values, layer.valid, *(layer.state or ()), *(layer.sinks or ())):
+            for t in (layer.keys, layer.values, layer.phi_keys, layer.valid, *(layer.state or ()), *(layer.sinks or ())):
                 if t is not None:
                     total += t.numel() * t.element_size()
         return total

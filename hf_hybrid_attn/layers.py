@@ -80,9 +80,17 @@ class HybridMixer(nn.Module):
     def alpha(self) -> torch.Tensor:
         return 1.0 - self.gamma() if self.affine_mix else torch.ones_like(self.window_logit, dtype=torch.float32)
 
-    def features(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """phi_q(q) [B,H,Tq,F'] and phi_k(k) per query head [B,H,Tk,F']."""
-        return self.feature_map_q(q), self.feature_map_k(_expand_heads(k, self.num_heads))
+    def features(self, q: torch.Tensor, k: torch.Tensor, cache_layer=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """phi_q(q) [B,H,Tq,F'] and phi_k(k) per query head [B,H,Tk,F'].
+
+        With a cache, k = (window buffer + new tokens) and the buffer's phi_k was stored by the
+        previous step: only the new tokens go through the feature map."""
+        n_old = k.shape[2] - q.shape[2]
+        buffered = cache_layer.buffered_phi_k(n_old) if cache_layer is not None else None
+        if buffered is None:
+            return self.feature_map_q(q), self.feature_map_k(_expand_heads(k, self.num_heads))
+        phi_new = self.feature_map_k(_expand_heads(k[:, :, n_old:], self.num_heads))
+        return self.feature_map_q(q), torch.cat([buffered.to(phi_new.dtype), phi_new], 2)
 
     # -- computation ----------------------------------------------------------------------------
     def forward(
@@ -106,7 +114,7 @@ class HybridMixer(nn.Module):
             raise ValueError(f"component mode must be one of {COMPONENT_MODES}, got {mode!r}")
         initial_state = cache_layer.linear_state() if cache_layer is not None else None
         needs_features = mode in ("hybrid", "linear_only") or cache_layer is not None
-        phi_q, phi_k = self.features(q, k) if needs_features else (None, None)
+        phi_q, phi_k = self.features(q, k, cache_layer) if needs_features else (None, None)
         lin_den = den = None
 
         if mode == "none":
@@ -197,8 +205,8 @@ class HybridMixer(nn.Module):
             return torch.roll(x, -1, dims=2)[:, :, w1 - keep:] if keep else x[:, :, :0]
 
         new_valid = torch.roll(cache.valid, -1, dims=1)[:, w1 - keep:] if keep else key_valid[:, :0]
-        cache_layer.commit_decode(window_of(cache.k_win), window_of(cache.v_win), new_valid, (cache.S, cache.z),
-                                  k, v, key_valid, self.num_sinks)
+        cache_layer.commit_decode(window_of(cache.k_win), window_of(cache.v_win), window_of(cache.phi_k_win), new_valid,
+                                  (cache.S, cache.z), k, v, key_valid, self.num_sinks)
         return y
 
     def _with_row_drop(self, q, k, v, phi_q, phi_k, gamma, alpha, drop, kw):

@@ -64,6 +64,35 @@ def test_multi_token_chunks_equal_uncached(model):
     assert (torch.cat(outs, 1) - full)[mask.bool()].abs().max().item() <= 1e-5
 
 
+def test_decode_steps_map_only_the_new_key_and_keep_the_buffer_phi_k(model):
+    """A decode step runs phi_k on the new token only (the buffer's phi_k was stored by the previous
+    step); the stored phi_k is exactly the feature map of the buffered keys."""
+    ids, mask, pos = left_padded()
+    seen = []
+    hooks = [attn.hybrid.feature_map_k.register_forward_hook(lambda m, a, o: seen.append(a[0].shape[2]))
+             for _, attn in hha.iter_hybrid_attention(model)]
+    try:
+        with torch.no_grad():
+            cache = hha.HybridCache(model.config)
+            model(ids[:, :11], attention_mask=mask[:, :11], position_ids=pos[:, :11], past_key_values=cache)
+            assert set(seen) == {11}
+            seen.clear()
+            for t in range(11, 20):
+                model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], position_ids=pos[:, t : t + 1],
+                      past_key_values=cache)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert set(seen) == {1}, seen
+    _, attn = next(iter(hha.iter_hybrid_attention(model)))
+    layer = cache.layers[0]
+    assert layer.phi_keys.shape[2] == layer.keys.shape[2] == attn.hybrid.window - 1
+    groups = attn.hybrid.num_heads // layer.keys.shape[1]
+    with torch.no_grad():
+        direct = attn.hybrid.feature_map_k(layer.keys.repeat_interleave(groups, dim=1))
+    torch.testing.assert_close(layer.phi_keys, direct, rtol=0, atol=1e-6)
+
+
 def test_dynamic_cache_takes_exact_full_history_path(model):
     ids, mask, pos = left_padded()
     with torch.no_grad():
