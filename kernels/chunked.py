@@ -11,6 +11,10 @@ Linear branch: L(i) = { j <= i - shift } with shift = w (hybrid) or 0 (linear_on
 linear_covers_window). Delaying keys and values by `shift` turns it into an inclusive causal
 linear attention, computed chunk-wise: an intra-block masked product plus a prefix sum of the
 per-block states.
+
+A few queries at the end of many keys (Tq <= chunk < Tk: a cached decode step) take a direct
+path (`_few_queries`) that touches only the keys each query can reach, instead of padding the
+queries to Tk and throwing all but the last Tq rows away.
 """
 
 from __future__ import annotations
@@ -92,6 +96,47 @@ def _linear_branch(phi_q, phi_k, v, key_valid, shift, chunk, initial_state):
     return num, den
 
 
+def _few_queries(q, k, v, phi_q, phi_k, key_valid, window, scale, mode, shift, initial_state):
+    """Direct computation for the last Tq <= chunk queries of Tk keys (cached decode, or the
+    full-history DynamicCache path): only the keys a query can reach are touched, O(Tq * (Tq + w))
+    for the window and O(Tq * Tk) for the linear part, instead of padding the queries to Tk.
+    Returns the window numerator/denominator (or None) and the linear ones (or None), unweighted."""
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    Hkv = k.shape[1]
+    g = H // Hkv
+    qpos = torch.arange(Tk - Tq, Tk, device=q.device)
+    win = lin = None
+    if mode != "linear_only":
+        start = max(0, Tk - Tq - (window - 1))  # oldest key any of the queries can see
+        ks, vs = k[:, :, start:], v[:, :, start:]
+        diff = qpos[:, None] - torch.arange(start, Tk, device=q.device)[None, :]
+        mask = (diff >= 0) & (diff < window)  # [Tq, Tk']
+        mask = mask[None, None, None] & key_valid[:, start:][:, None, None, None, :]  # [B,1,1,Tq,Tk']
+        s = scale * torch.matmul(q.view(B, Hkv, g, Tq, D), ks.unsqueeze(2).transpose(-1, -2))  # [B,Hkv,g,Tq,Tk']
+        s = s.masked_fill(~mask, float("-inf"))
+        m = s.amax(-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        p = torch.exp(s - m)
+        win = (torch.matmul(p, vs.unsqueeze(2)).reshape(B, H, Tq, -1), p.sum(-1).reshape(B, H, Tq))
+    if mode != "swa_only":
+        num = phi_q.new_zeros(B, H, Tq, v.shape[-1])
+        den = phi_q.new_zeros(B, H, Tq)
+        if initial_state is not None:
+            S0, z0 = initial_state
+            num = num + phi_q @ S0.to(phi_q.dtype)
+            den = den + (phi_q * z0.to(phi_q.dtype)[:, :, None, :]).sum(-1)
+        end = Tk - shift  # keys j <= i - shift exist for some query only if j < end
+        if end > 0:
+            diff = qpos[:, None] - torch.arange(end, device=q.device)[None, :]
+            mask = (diff >= shift)[None, None] & key_valid[:, None, None, :end]  # [B,1,Tq,end]
+            a = (phi_q @ phi_k[:, :, :end].transpose(-1, -2)).masked_fill(~mask, 0.0)  # [B,H,Tq,end]
+            num = num + a @ _expand_kv(v[:, :, :end], H)
+            den = den + a.sum(-1)
+        lin = (num, den)
+    return win, lin
+
+
 def hybrid_attention_chunked(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -124,12 +169,24 @@ def hybrid_attention_chunked(
     if key_valid is None:
         key_valid = torch.ones(B, Tk, dtype=torch.bool, device=q.device)
     key_valid = key_valid.bool()
-    if Tq < Tk:  # queries are the last Tq positions: pad them to the key length
-        q = F.pad(q, (0, 0, Tk - Tq, 0))
-        phi_q = F.pad(phi_q, (0, 0, Tk - Tq, 0))
     chunk = max(1, min(chunk_size, Tk))
     g4 = gamma.to(cdt).view(1, H, 1, 1)
     a4 = alpha.to(cdt).view(1, H, 1, 1)
+    shift = 0 if (mode == "linear_only" or linear_covers_window) else window
+    if Tq < Tk and Tq <= chunk:  # a few queries at the end (cached decode): no padding to Tk
+        win, lin = _few_queries(q, k, v, phi_q, phi_k, key_valid, window, scale, mode, shift, initial_state)
+        num = q.new_zeros(B, H, Tq, v.shape[-1])
+        den = q.new_zeros(B, H, Tq)
+        lin_den = torch.zeros_like(den)
+        if win is not None:
+            num, den = num + g4 * win[0], den + g4[..., 0] * win[1]
+        if lin is not None:
+            lin_den = a4[..., 0] * lin[1]
+            num, den = num + a4 * lin[0], den + lin_den
+        return _normalise(num, den, lin_den, out_dtype, return_stats)
+    if Tq < Tk:  # queries are the last Tq positions: pad them to the key length
+        q = F.pad(q, (0, 0, Tk - Tq, 0))
+        phi_q = F.pad(phi_q, (0, 0, Tk - Tq, 0))
 
     num = q.new_zeros(B, H, Tk, v.shape[-1])
     den = q.new_zeros(B, H, Tk)
@@ -139,12 +196,15 @@ def hybrid_attention_chunked(
         num = num + g4 * wn
         den = den + g4[..., 0] * wd
     if mode != "swa_only":
-        shift = 0 if (mode == "linear_only" or linear_covers_window) else window
         ln, ld = _linear_branch(phi_q, phi_k, v, key_valid, shift, chunk, initial_state)
         num = num + a4 * ln
         lin_den = a4[..., 0] * ld
         den = den + lin_den
     num, den, lin_den = num[:, :, Tk - Tq :], den[:, :, Tk - Tq :], lin_den[:, :, Tk - Tq :]
+    return _normalise(num, den, lin_den, out_dtype, return_stats)
+
+
+def _normalise(num, den, lin_den, out_dtype, return_stats):
     safe = torch.where(den != 0, den, torch.ones_like(den))
     y = torch.where((den != 0)[..., None], num / safe[..., None], torch.zeros_like(num)).to(out_dtype)
     if return_stats:

@@ -45,6 +45,28 @@ def test_chunked_matches_reference_all_modes(T, w):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m, n=name, md=mode: f"{md} d{n}: {m}")
 
 
+@pytest.mark.parametrize("Tq,Tk", [(1, 1), (1, 2), (1, 64), (1, 200), (3, 40), (16, 17), (16, 200), (17, 90)])
+@pytest.mark.parametrize("w", [1, 5, 64])
+def test_suffix_queries_match_reference_with_state(Tq, Tk, w):
+    """The last Tq queries of Tk keys (cached decode: Tq <= chunk takes the direct path, Tq = 17 >
+    chunk the padded one), with an fp64 initial state: y, the normaliser stats and every gradient."""
+    for mode, covers in [(m, False) for m in KERNEL_MODES] + [("hybrid", True)]:
+        args, valid = make_inputs(Tq=Tq, Tk=Tk)
+        gen = torch.Generator().manual_seed(Tk)
+        S = torch.rand(2, 4, 6, 8, dtype=DT, generator=gen).requires_grad_(True)
+        z = torch.rand(2, 4, 6, dtype=DT, generator=gen).add(0.1).requires_grad_(True)
+        kw = dict(window=w, scale=0.35, mode=mode, linear_covers_window=covers, key_valid=valid,
+                  initial_state=(S, z), return_stats=True)
+        ref = hybrid_attention_reference(*args, **kw)
+        out = hybrid_attention_chunked(*args, **kw, chunk_size=16)
+        for a, b in zip(out, ref):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+        go = torch.randn_like(ref[0])
+        names = "q k v phi_q phi_k gamma alpha S z".split()
+        for a, b, name in zip(grads(out[0], (*args, S, z), go), grads(ref[0], (*args, S, z), go), names):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m, n=name, md=mode: f"{md} d{n}: {m}")
+
+
 def test_chunk_size_does_not_change_result():
     args, valid = make_inputs(Tq=77)
     outs = [hybrid_attention_chunked(*args, window=9, scale=0.3, key_valid=valid, chunk_size=c) for c in (1, 7, 16, 64, 128)]
