@@ -125,8 +125,11 @@ class HybridCacheLayer(CacheLayerMixin):
         return self.cumulative_length - query_length - stored
 
     @torch.no_grad()
-    def advance(self, k, v, phi_k, key_valid, window: int, num_sinks: int) -> None:
-        """Fold all but the last w-1 of (buffer + new tokens) into the state; keep the rest."""
+    def advance(self, k, v, phi_k, key_valid, window: int, num_sinks: int, inplace: bool = True) -> None:
+        """Fold all but the last w-1 of (buffer + new tokens) into the state; keep the rest.
+
+        inplace: add into the existing state tensors (no allocation per step); the layer passes
+        False when autograd may have saved the state for a backward through this step."""
         if not self._pending:
             raise RuntimeError("HybridCacheLayer.advance() called without a preceding update()")
         new = self._pending
@@ -140,10 +143,15 @@ class HybridCacheLayer(CacheLayerMixin):
             groups = fk.shape[1] // vv.shape[1]
             if groups > 1:
                 vv = vv.repeat_interleave(groups, dim=1)
-            S, z = fk.transpose(-1, -2) @ vv, fk.sum(2)
-            if self.state is not None:
-                S, z = S + self.state[0], z + self.state[1]
-            self.state = (S, z)
+            if self.state is None:
+                self.state = (fk.transpose(-1, -2) @ vv, fk.sum(2))
+            elif not (inplace and self.state[0].is_contiguous()):
+                self.state = (self.state[0] + fk.transpose(-1, -2) @ vv, self.state[1] + fk.sum(2))
+            else:  # in place: the state is this cache's own tensor (a decode step allocates nothing)
+                B, H, F, D = self.state[0].shape
+                self.state[0].view(B * H, F, D).baddbmm_(fk.transpose(-1, -2).reshape(B * H, F, fold),
+                                                        vv.reshape(B * H, fold, D))
+                self.state[1].add_(fk.sum(2))
         self.keys, self.values = k[:, :, fold:].detach(), v[:, :, fold:].detach()
         self.phi_keys = phi_k[:, :, fold:].detach()
         self.valid = key_valid[:, fold:]

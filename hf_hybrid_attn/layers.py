@@ -151,7 +151,7 @@ class HybridMixer(nn.Module):
                 y = out
 
         if cache_layer is not None:
-            cache_layer.advance(k, v, phi_k, key_valid, self.window, self.num_sinks)
+            cache_layer.advance(k, v, phi_k, key_valid, self.window, self.num_sinks, inplace=not torch.is_grad_enabled())
         if return_stats:
             if lin_den is None:
                 lin_den = torch.zeros(q.shape[:3], dtype=torch.float32, device=q.device)

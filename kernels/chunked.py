@@ -113,12 +113,14 @@ def _few_queries(q, k, v, phi_q, phi_k, key_valid, window, scale, mode, shift, i
         diff = qpos[:, None] - torch.arange(start, Tk, device=q.device)[None, :]
         mask = (diff >= 0) & (diff < window)  # [Tq, Tk']
         mask = mask[None, None, None] & key_valid[:, start:][:, None, None, None, :]  # [B,1,1,Tq,Tk']
-        s = scale * torch.matmul(q.view(B, Hkv, g, Tq, D), ks.unsqueeze(2).transpose(-1, -2))  # [B,Hkv,g,Tq,Tk']
-        s = s.masked_fill(~mask, float("-inf"))
+        # the g query heads of a group are rows of one matmul against their shared keys (no expand)
+        s = scale * torch.matmul(q.reshape(B, Hkv, g * Tq, D), ks.transpose(-1, -2))  # [B,Hkv,g*Tq,Tk']
+        s = s.view(B, Hkv, g, Tq, -1).masked_fill(~mask, float("-inf"))
         m = s.amax(-1, keepdim=True)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         p = torch.exp(s - m)
-        win = (torch.matmul(p, vs.unsqueeze(2)).reshape(B, H, Tq, -1), p.sum(-1).reshape(B, H, Tq))
+        num = torch.matmul(p.view(B, Hkv, g * Tq, -1), vs)  # [B,Hkv,g*Tq,D]
+        win = (num.reshape(B, H, Tq, -1), p.sum(-1).reshape(B, H, Tq))
     if mode != "swa_only":
         num = phi_q.new_zeros(B, H, Tq, v.shape[-1])
         den = phi_q.new_zeros(B, H, Tq)

@@ -93,6 +93,28 @@ def test_decode_steps_map_only_the_new_key_and_keep_the_buffer_phi_k(model):
     torch.testing.assert_close(layer.phi_keys, direct, rtol=0, atol=1e-6)
 
 
+def test_cached_steps_with_autograd_can_backward(model):
+    """With grad enabled the state is not updated in place (autograd saved it for the backward of
+    phi_q . S); without grad it is, and both give the same outputs."""
+    ids, mask, pos = left_padded()
+    outs = {}
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            cache = hha.HybridCache(model.config)
+            logits = [model(ids[:, :12], attention_mask=mask[:, :12], position_ids=pos[:, :12],
+                            past_key_values=cache).logits]
+            for t in range(12, 20):
+                logits.append(model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], position_ids=pos[:, t : t + 1],
+                                    past_key_values=cache).logits)
+            outs[grad] = torch.cat(logits, 1)
+    outs[True].sum().backward()
+    _, attn = next(iter(hha.iter_hybrid_attention(model)))
+    grads = [p.grad for p in attn.hybrid.parameters()]
+    model.zero_grad(set_to_none=True)
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    torch.testing.assert_close(outs[True].detach(), outs[False], rtol=0, atol=1e-6)
+
+
 def test_dynamic_cache_takes_exact_full_history_path(model):
     ids, mask, pos = left_padded()
     with torch.no_grad():
