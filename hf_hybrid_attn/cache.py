@@ -35,6 +35,7 @@ class HybridCacheLayer(CacheLayerMixin):
         self.sinks: tuple[torch.Tensor, ...] | None = None  # k, v, positions [B,S], valid [B,S]
         self.cumulative_length = 0
         self._pending = 0  # tokens returned by update() and not yet advanced
+        self._sinks_full = False
 
     # -- transformers' cache-layer interface -----------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> None:
@@ -70,6 +71,7 @@ class HybridCacheLayer(CacheLayerMixin):
         self.state = self.sinks = None
         self.cumulative_length = 0
         self._pending = 0
+        self._sinks_full = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         def sel(x):
@@ -170,6 +172,8 @@ class HybridCacheLayer(CacheLayerMixin):
         self._pending = 0
 
     def _advance_sinks(self, k, v, key_valid, n_old, offset, num_sinks):
+        if self._sinks_full and self.sinks[3].shape[1] == num_sinks:  # every row's first num_sinks valid keys are known
+            return
         new_valid = key_valid[:, n_old:]
         idx, idx_valid = first_valid(new_valid, num_sinks)
         gather = idx[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1]) + n_old
@@ -181,6 +185,8 @@ class HybridCacheLayer(CacheLayerMixin):
         keep, keep_valid = first_valid(idx_valid, num_sinks)
         g = keep[:, None, :, None].expand(-1, sk.shape[1], -1, sk.shape[-1])
         self.sinks = (sk.gather(2, g), sv.gather(2, g), spos.gather(1, keep), keep_valid)
+        # one host sync per step until every row holds num_sinks valid sinks, none afterwards
+        self._sinks_full = keep_valid.shape[1] == num_sinks and bool(keep_valid.all())
 
 
 class HybridCache(Cache):
