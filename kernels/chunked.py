@@ -41,20 +41,22 @@ def _window_branch(q, k, v, key_valid, window, scale, chunk):
     kb = kp.unfold(2, L, chunk)  # [B,Hkv,n,D,L]
     vb = vp.unfold(2, L, chunk).transpose(-1, -2)  # [B,Hkv,n,L,D]
     vbl = validp.unfold(1, L, chunk)  # [B,n,L]
-    qb = F.pad(q, (0, 0, 0, pad_end)).view(B, Hkv, g, n, chunk, D)
-    s = scale * torch.matmul(qb, kb.unsqueeze(2))  # [B,Hkv,g,n,C,L]
+    # the g query heads of a KV group become rows of one block matmul against their shared keys:
+    # the keys are never expanded per query head
+    qb = F.pad(q, (0, 0, 0, pad_end)).view(B, Hkv, g, n, chunk, D).transpose(2, 3)  # [B,Hkv,n,g,C,D]
+    s = scale * torch.matmul(qb.reshape(B, Hkv, n, g * chunk, D), kb)  # [B,Hkv,n,g*C,L]
     r = torch.arange(chunk, device=q.device)[:, None]
     c = torch.arange(L, device=q.device)[None, :]
     band = (c >= r) & (c <= r + W - 1)  # [C,L]
-    mask = band[None, None, None, None] & vbl[:, None, None, :, None, :]
-    s = s.masked_fill(~mask, float("-inf"))
+    mask = band[None, None, None, None] & vbl[:, None, :, None, None, :]  # [B,1,n,1,C,L]
+    s = s.view(B, Hkv, n, g, chunk, L).masked_fill(~mask, float("-inf"))
     m = s.amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     p = torch.exp(s - m)
-    num = torch.matmul(p, vb.unsqueeze(2))  # [B,Hkv,g,n,C,D]
-    den = p.sum(-1)
-    num = num.reshape(B, H, n * chunk, -1)[:, :, :T]
-    den = den.reshape(B, H, n * chunk)[:, :, :T]
+    num = torch.matmul(p.view(B, Hkv, n, g * chunk, L), vb)  # [B,Hkv,n,g*C,D]
+    den = p.sum(-1)  # [B,Hkv,n,g,C]
+    num = num.view(B, Hkv, n, g, chunk, -1).transpose(2, 3).reshape(B, H, n * chunk, -1)[:, :, :T]
+    den = den.transpose(2, 3).reshape(B, H, n * chunk)[:, :, :T]
     return num, den
 
 
