@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import importlib
 import logging
 import os
@@ -208,6 +209,20 @@ def quiet_base_config_probe():
         log.removeFilter(f)
 
 
+def _forward_with_hybrid_cache(base_forward):
+    """The causal LM's forward, except that an explicit `use_cache=True` without a cache gets a
+    HybridCache (constant memory, cached steps on the fast path) instead of the DynamicCache the
+    base model would create. The signature is the base one (generate() validates kwargs with it)."""
+
+    @functools.wraps(base_forward)
+    def forward(self, *args, **kwargs):
+        if kwargs.get("use_cache") is True and kwargs.get("past_key_values") is None and len(args) < 4:
+            kwargs["past_key_values"] = HybridCache(self.config)
+        return base_forward(self, *args, **kwargs)
+
+    return forward
+
+
 def _family_classes(base_type: str) -> tuple[type, type]:
     if base_type not in FAMILIES:
         raise ValueError(
@@ -224,7 +239,8 @@ def _family_classes(base_type: str) -> tuple[type, type]:
     lm_cls = type(
         f"Hybrid{family}ForCausalLM",
         (HybridModelMixin, base_lm),
-        {"config_class": cfg_cls, "__module__": __name__, "_supports_attention_backend": True},
+        {"config_class": cfg_cls, "__module__": __name__, "_supports_attention_backend": True,
+         "forward": _forward_with_hybrid_cache(base_lm.forward)},
     )
     HYBRID_CONFIGS[base_type], HYBRID_MODELS[base_type] = cfg_cls, lm_cls
     return cfg_cls, lm_cls

@@ -115,6 +115,25 @@ def test_cached_steps_with_autograd_can_backward(model):
     torch.testing.assert_close(outs[True].detach(), outs[False], rtol=0, atol=1e-6)
 
 
+def test_forward_with_use_cache_returns_a_hybrid_cache(model):
+    """model(ids, use_cache=True) with no cache builds a HybridCache (not transformers' DynamicCache);
+    continuing from it equals the uncached forward. An explicit DynamicCache is still honoured."""
+    ids, mask, pos = left_padded()
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, position_ids=pos).logits
+        out = model(ids[:, :20], attention_mask=mask[:, :20], position_ids=pos[:, :20], use_cache=True)
+        assert isinstance(out.past_key_values, hha.HybridCache)
+        logits = [out.logits]
+        for t in range(20, 30):
+            out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], position_ids=pos[:, t : t + 1],
+                        past_key_values=out.past_key_values, use_cache=True)
+            logits.append(out.logits)
+        assert (torch.cat(logits, 1) - full)[mask.bool()].abs().max().item() <= 1e-5
+        dyn = model(ids[:, :5], past_key_values=DynamicCache(config=model.config), use_cache=True).past_key_values
+        assert isinstance(dyn, DynamicCache)
+        assert model(ids[:, :5], use_cache=False).past_key_values is None
+
+
 def test_dynamic_cache_takes_exact_full_history_path(model):
     ids, mask, pos = left_padded()
     with torch.no_grad():
