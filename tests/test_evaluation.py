@@ -96,6 +96,31 @@ def test_scorer_runs_each_distinct_input_once():
     assert [o[0] for o in out] == pytest.approx([float(lp[4, 1] + lp[1, k]) for k in (2, 3, 4, 5)], abs=1e-5)
 
 
+def test_scorer_keeps_no_vocabulary_log_probs_between_batches(monkeypatch):
+    """Each batch's [tokens, vocab] log-probs are freed once its requests are scored (keeping them
+    all made a full HellaSwag split need ~150 GB)."""
+    import gc
+    import weakref
+
+    model, tok = BigramLM(), CharTokenizer()
+    s = LoglikelihoodScorer(model, tok, batch_size=1, progress=False)
+    produced, alive_at_call = [], []
+    real_forward = s._forward
+
+    def tracked(batch, keep):
+        gc.collect()
+        alive_at_call.append(sum(r() is not None for r in produced))
+        out = real_forward(batch, keep)
+        produced.extend(weakref.ref(t) for t in out)
+        return out
+
+    monkeypatch.setattr(s, "_forward", tracked)
+    reqs = [("abc", " d"), ("a", " bcd"), ("hgf", "e"), ("ab", "ab"), ("b", " aaa")]
+    got = s.loglikelihood(reqs)
+    assert len(alive_at_call) == len(reqs) and alive_at_call == [0] * len(reqs)
+    assert got == LoglikelihoodScorer(model, tok, batch_size=4, progress=False).loglikelihood(reqs)
+
+
 def test_scorer_truncates_from_the_left_like_lm_eval():
     model, tok = BigramLM(), CharTokenizer()
     model.config.max_position_embeddings = 4

@@ -86,32 +86,37 @@ class LoglikelihoodScorer:
     def loglikelihood_tokens(
         self, requests: Sequence[tuple[list[int], list[int]]], desc: str = "loglikelihood"
     ) -> list[tuple[float, bool]]:
-        inputs: dict[tuple[int, ...], int] = {}  # distinct model inputs -> longest continuation read from it
-        keys = []
-        for ctx, cont in requests:
+        # distinct model inputs -> the requests (index, continuation) read from them; MMLU's four
+        # one-token answers share one input, so they cost one forward
+        inputs: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
+        for i, (ctx, cont) in enumerate(requests):
             if not cont:
                 raise ValueError("requests: a continuation encodes to zero tokens")
             inp = tuple((list(ctx) + list(cont))[-(self.max_length + 1) :][:-1])
-            keys.append(inp)
-            inputs[inp] = max(inputs.get(inp, 0), len(cont))
+            inputs.setdefault(inp, []).append((i, list(cont)))
         order = sorted(inputs, key=lambda s: -len(s))  # longest first: padding waste stays small
-        logprobs: dict[tuple[int, ...], torch.Tensor] = {}
+        out: list[tuple[float, bool] | None] = [None] * len(requests)
         batches = self._batches(order)
         was_training = self.model.training
         self.model.eval()
         try:
             for batch in tqdm(batches, desc=desc, disable=not self.progress, leave=False):
-                for inp, lp in zip(batch, self._forward(batch, [inputs[s] for s in batch])):
-                    logprobs[inp] = lp
+                self._score_batch(batch, inputs, out)
         finally:
             self.model.train(was_training)
-        out = []
-        for (_, cont), inp in zip(requests, keys):
-            lp = logprobs[inp][-len(cont) :]  # [len(cont), V] log-probs predicting each cont token
-            target = torch.tensor(cont, dtype=torch.long)
-            ll = float(lp.gather(1, target[:, None]).sum())
-            out.append((ll, bool((lp.argmax(-1) == target).all())))
         return out
+
+    def _score_batch(self, batch, inputs, out) -> None:
+        """Scores every request read from this batch's rows into `out`. Only (log-likelihood, greedy)
+        floats outlive the call, never the [tokens, vocab] log-probs (keeping those for a whole
+        split would take ~150 GB on HellaSwag)."""
+        keep = [max(len(c) for _, c in inputs[s]) for s in batch]
+        for inp, lp in zip(batch, self._forward(batch, keep)):
+            for i, cont in inputs[inp]:
+                part = lp[-len(cont) :]  # [len(cont), V] log-probs predicting each cont token
+                target = torch.tensor(cont, dtype=torch.long, device=part.device)
+                ll = float(part.gather(1, target[:, None]).sum())
+                out[i] = (ll, bool((part.argmax(-1) == target).all()))
 
     def _batches(self, ordered: list[tuple[int, ...]]) -> list[list[tuple[int, ...]]]:
         batches, current = [], []
@@ -126,7 +131,7 @@ class LoglikelihoodScorer:
         return batches
 
     def _forward(self, batch: list[tuple[int, ...]], keep: list[int]) -> list[torch.Tensor]:
-        """Log-probs at the last `keep[row]` real positions of each row, [keep[row], V] fp32 on the CPU."""
+        """Log-probs at the last `keep[row]` real positions of each row, [keep[row], V] fp32 (model device)."""
         width = max(len(s) for s in batch)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -146,7 +151,7 @@ class LoglikelihoodScorer:
         out = []
         for row, seq in enumerate(batch):
             end = logits.shape[1] if self.padding_side == "left" else len(seq)
-            out.append(torch.log_softmax(logits[row, end - keep[row] : end].float(), dim=-1).cpu())
+            out.append(torch.log_softmax(logits[row, end - keep[row] : end].float(), dim=-1))
         return out
 
 
