@@ -147,7 +147,8 @@ class HybridCacheLayer(CacheLayerMixin):
                 vv = vv.repeat_interleave(groups, dim=1)
             if self.state is None:
                 self.state = (fk.transpose(-1, -2) @ vv, fk.sum(2))
-            elif not (inplace and self.state[0].is_contiguous()):
+            elif not (inplace and self.state[0].is_contiguous()
+                      and (torch.is_inference_mode_enabled() or not self.state[0].is_inference())):
                 self.state = (self.state[0] + fk.transpose(-1, -2) @ vv, self.state[1] + fk.sum(2))
             else:  # in place: the state is this cache's own tensor (a decode step allocates nothing)
                 B, H, F, D = self.state[0].shape

@@ -84,9 +84,11 @@ class HybridMixer(nn.Module):
         """phi_q(q) [B,H,Tq,F'] and phi_k(k) per query head [B,H,Tk,F'].
 
         With a cache, k = (window buffer + new tokens) and the buffer's phi_k was stored by the
-        previous step: only the new tokens go through the feature map."""
+        previous step: only the new tokens go through the feature map (without grad: with grad the
+        buffer is mapped again, so the feature map gets its gradient through those keys too)."""
         n_old = k.shape[2] - q.shape[2]
-        buffered = cache_layer.buffered_phi_k(n_old) if cache_layer is not None else None
+        reuse = cache_layer is not None and not torch.is_grad_enabled()
+        buffered = cache_layer.buffered_phi_k(n_old) if reuse else None
         if buffered is None:
             return self.feature_map_q(q), self.feature_map_k(_expand_heads(k, self.num_heads))
         phi_new = self.feature_map_k(_expand_heads(k[:, :, n_old:], self.num_heads))

@@ -117,7 +117,8 @@ class HybridModelMixin:
                     hf_init.copy_(p, fresh_params[name].to(p.device, p.dtype))
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
+        if (model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False
+                and self.config._attn_implementation == ATTN_IMPLEMENTATION):  # (not in the softmax view)
             impl = generation_config.cache_implementation
             if impl not in (None, "dynamic", "hybrid"):
                 raise ValueError(
@@ -212,11 +213,14 @@ def quiet_base_config_probe():
 def _forward_with_hybrid_cache(base_forward):
     """The causal LM's forward, except that an explicit `use_cache=True` without a cache gets a
     HybridCache (constant memory, cached steps on the fast path) instead of the DynamicCache the
-    base model would create. The signature is the base one (generate() validates kwargs with it)."""
+    base model would create, while the hybrid attention is active (not in `softmax_view`).
+    `past_key_values` / `use_cache` must be passed by keyword for this. The signature is the base
+    one (generate() validates kwargs with it)."""
 
     @functools.wraps(base_forward)
     def forward(self, *args, **kwargs):
-        if kwargs.get("use_cache") is True and kwargs.get("past_key_values") is None and len(args) < 4:
+        if (kwargs.get("use_cache") is True and kwargs.get("past_key_values") is None and len(args) < 4
+                and self.config._attn_implementation == ATTN_IMPLEMENTATION):
             kwargs["past_key_values"] = HybridCache(self.config)
         return base_forward(self, *args, **kwargs)
 

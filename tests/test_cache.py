@@ -134,6 +134,35 @@ def test_forward_with_use_cache_returns_a_hybrid_cache(model):
         assert model(ids[:, :5], use_cache=False).past_key_values is None
 
 
+def test_softmax_view_caches_like_the_base_model(model):
+    """In diagnostics.softmax_view (exact softmax attention) a forward with use_cache=True and
+    generate() use the base model's DynamicCache, and generate equals the uncached argmax."""
+    from hf_hybrid_attn.diagnostics import softmax_view
+
+    ids = torch.randint(3, 99, (2, 9))
+    with softmax_view(model), torch.no_grad():
+        out = model(ids, use_cache=True)
+        assert isinstance(out.past_key_values, DynamicCache)
+        step = model(ids[:, -1:].clone(), past_key_values=out.past_key_values, use_cache=True)
+        assert isinstance(step.past_key_values, DynamicCache)
+        gen = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(model(gen).logits[:, 8:-1].argmax(-1), gen[:, 9:])
+
+
+def test_prefill_in_inference_mode_then_decode_under_no_grad(model):
+    ids, mask, pos = left_padded()
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, position_ids=pos).logits
+    cache = hha.HybridCache(model.config)
+    with torch.inference_mode():
+        outs = [model(ids[:, :12], attention_mask=mask[:, :12], position_ids=pos[:, :12], past_key_values=cache).logits]
+    with torch.no_grad():
+        for t in range(12, 30):
+            outs.append(model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], position_ids=pos[:, t : t + 1],
+                              past_key_values=cache).logits)
+    assert (torch.cat(outs, 1) - full)[mask.bool()].abs().max().item() <= 1e-5
+
+
 def test_dynamic_cache_takes_exact_full_history_path(model):
     ids, mask, pos = left_padded()
     with torch.no_grad():
