@@ -116,9 +116,13 @@ class HybridModelMixin:
                 for name, p in module.named_parameters():
                     hf_init.copy_(p, fresh_params[name].to(p.device, p.dtype))
 
+    def _hybrid_attention_active(self) -> bool:
+        """False in `diagnostics.softmax_view`, where the base softmax attention (and cache) runs."""
+        return self.config._attn_implementation == ATTN_IMPLEMENTATION
+
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         if (model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False
-                and self.config._attn_implementation == ATTN_IMPLEMENTATION):  # (not in the softmax view)
+                and self._hybrid_attention_active()):
             impl = generation_config.cache_implementation
             if impl not in (None, "dynamic", "hybrid"):
                 raise ValueError(
@@ -220,7 +224,7 @@ def _forward_with_hybrid_cache(base_forward):
     @functools.wraps(base_forward)
     def forward(self, *args, **kwargs):
         if (kwargs.get("use_cache") is True and kwargs.get("past_key_values") is None and len(args) < 4
-                and self.config._attn_implementation == ATTN_IMPLEMENTATION):
+                and self._hybrid_attention_active()):
             kwargs["past_key_values"] = HybridCache(self.config)
         return base_forward(self, *args, **kwargs)
 

@@ -60,6 +60,19 @@ def _window_branch(q, k, v, key_valid, window, scale, chunk):
     return num, den
 
 
+def _state_readout(phi_q, initial_state, D):
+    """Numerator [B,H,T,D] and denominator [B,H,T] of phi_q read against the initial state (zeros
+    without one): the part of the linear branch that covers every token before key 0."""
+    B, H, T, _ = phi_q.shape
+    num = phi_q.new_zeros(B, H, T, D)
+    den = phi_q.new_zeros(B, H, T)
+    if initial_state is not None:
+        S0, z0 = initial_state
+        num = num + phi_q @ S0.to(phi_q.dtype)
+        den = den + (phi_q * z0.to(phi_q.dtype)[:, :, None, :]).sum(-1)
+    return num, den
+
+
 def _linear_branch(phi_q, phi_k, v, key_valid, shift, chunk, initial_state):
     """Inclusive causal linear attention of phi_q against keys delayed by `shift`.
     Returns numerator [B,H,T,D] and denominator [B,H,T] (without alpha)."""
@@ -67,12 +80,7 @@ def _linear_branch(phi_q, phi_k, v, key_valid, shift, chunk, initial_state):
     vv = _expand_kv(v, H)
     D = vv.shape[-1]
     fk = phi_k * key_valid[:, None, :, None].to(phi_k.dtype)
-    num = phi_q.new_zeros(B, H, T, D)
-    den = phi_q.new_zeros(B, H, T)
-    if initial_state is not None:
-        S0, z0 = initial_state
-        num = num + phi_q @ S0.to(phi_q.dtype)
-        den = den + (phi_q * z0.to(phi_q.dtype)[:, :, None, :]).sum(-1)
+    num, den = _state_readout(phi_q, initial_state, D)
     if shift >= T:
         return num, den
     if shift > 0:
@@ -124,12 +132,7 @@ def _few_queries(q, k, v, phi_q, phi_k, key_valid, window, scale, mode, shift, i
         num = torch.matmul(p.view(B, Hkv, g * Tq, -1), vs)  # [B,Hkv,g*Tq,D]
         win = (num.reshape(B, H, Tq, -1), p.sum(-1).reshape(B, H, Tq))
     if mode != "swa_only":
-        num = phi_q.new_zeros(B, H, Tq, v.shape[-1])
-        den = phi_q.new_zeros(B, H, Tq)
-        if initial_state is not None:
-            S0, z0 = initial_state
-            num = num + phi_q @ S0.to(phi_q.dtype)
-            den = den + (phi_q * z0.to(phi_q.dtype)[:, :, None, :]).sum(-1)
+        num, den = _state_readout(phi_q, initial_state, v.shape[-1])
         end = Tk - shift  # keys j <= i - shift exist for some query only if j < end
         if end > 0:
             diff = qpos[:, None] - torch.arange(end, device=q.device)[None, :]
@@ -179,36 +182,22 @@ def hybrid_attention_chunked(
     shift = 0 if (mode == "linear_only" or linear_covers_window) else window
     if Tq < Tk and Tq <= chunk:  # a few queries at the end (cached decode): no padding to Tk
         win, lin = _few_queries(q, k, v, phi_q, phi_k, key_valid, window, scale, mode, shift, initial_state)
-        num = q.new_zeros(B, H, Tq, v.shape[-1])
-        den = q.new_zeros(B, H, Tq)
-        lin_den = torch.zeros_like(den)
-        if win is not None:
-            num, den = num + g4 * win[0], den + g4[..., 0] * win[1]
-        if lin is not None:
-            lin_den = a4[..., 0] * lin[1]
-            num, den = num + a4 * lin[0], den + lin_den
-        return _normalise(num, den, lin_den, out_dtype, return_stats)
-    if Tq < Tk:  # queries are the last Tq positions: pad them to the key length
-        q = F.pad(q, (0, 0, Tk - Tq, 0))
-        phi_q = F.pad(phi_q, (0, 0, Tk - Tq, 0))
+    else:
+        if Tq < Tk:  # queries are the last Tq positions: pad them to the key length
+            q = F.pad(q, (0, 0, Tk - Tq, 0))
+            phi_q = F.pad(phi_q, (0, 0, Tk - Tq, 0))
+        win = _window_branch(q, k, v, key_valid, window, scale, chunk) if mode != "linear_only" else None
+        lin = _linear_branch(phi_q, phi_k, v, key_valid, shift, chunk, initial_state) if mode != "swa_only" else None
+        win, lin = ((b[0][:, :, Tk - Tq :], b[1][:, :, Tk - Tq :]) if b is not None else None for b in (win, lin))
 
-    num = q.new_zeros(B, H, Tk, v.shape[-1])
-    den = q.new_zeros(B, H, Tk)
+    num = q.new_zeros(B, H, Tq, v.shape[-1])
+    den = q.new_zeros(B, H, Tq)
     lin_den = torch.zeros_like(den)
-    if mode != "linear_only":
-        wn, wd = _window_branch(q, k, v, key_valid, window, scale, chunk)
-        num = num + g4 * wn
-        den = den + g4[..., 0] * wd
-    if mode != "swa_only":
-        ln, ld = _linear_branch(phi_q, phi_k, v, key_valid, shift, chunk, initial_state)
-        num = num + a4 * ln
-        lin_den = a4[..., 0] * ld
-        den = den + lin_den
-    num, den, lin_den = num[:, :, Tk - Tq :], den[:, :, Tk - Tq :], lin_den[:, :, Tk - Tq :]
-    return _normalise(num, den, lin_den, out_dtype, return_stats)
-
-
-def _normalise(num, den, lin_den, out_dtype, return_stats):
+    if win is not None:
+        num, den = num + g4 * win[0], den + g4[..., 0] * win[1]
+    if lin is not None:
+        lin_den = a4[..., 0] * lin[1]
+        num, den = num + a4 * lin[0], den + lin_den
     safe = torch.where(den != 0, den, torch.ones_like(den))
     y = torch.where((den != 0)[..., None], num / safe[..., None], torch.zeros_like(num)).to(out_dtype)
     if return_stats:

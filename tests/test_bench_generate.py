@@ -12,18 +12,20 @@ from hf_hybrid_attn.assets import AssetMissingError, teacher_gguf_path
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_generate.py"
 
 
-def len_b(point):
-    return point["batch"]
-
-
-def test_bench_generate_smoke(tmp_path):
+@pytest.fixture
+def bench():
+    """The script as a fresh module (tests may monkeypatch it)."""
     try:
         teacher_gguf_path()
     except AssetMissingError as e:
         pytest.skip(f"SmolLM2 teacher asset missing: {e}")
     spec = importlib.util.spec_from_file_location("bench_generate", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_generate_smoke(tmp_path, bench):
     rc = bench.main(["--num-layers", "2", "--batch", "1", "2", "--context", "80", "160", "--new-tokens", "12", "--repeats", "3",
                      "--device", "cpu", "--out", str(tmp_path)])
     assert rc == 0
@@ -43,18 +45,11 @@ def test_bench_generate_smoke(tmp_path):
         for p in (short, long):
             for name in ("hybrid", "teacher"):  # decode_s is generate(N+1) - generate(1), not clamped
                 assert p[name]["decode_s"] > 0 and "error" not in p[name]
-                assert p[name]["decode_tokens_per_s"] == pytest.approx(len_b(p) * 12 / p[name]["decode_s"], rel=0.01)
+                assert p[name]["decode_tokens_per_s"] == pytest.approx(p["batch"] * 12 / p[name]["decode_s"], rel=0.01)
     assert by[(2, 80)]["hybrid"]["cache_bytes"] == 2 * by[(1, 80)]["hybrid"]["cache_bytes"]
 
 
-def test_bench_generate_times_nothing_when_the_gate_fails(tmp_path, monkeypatch):
-    try:
-        teacher_gguf_path()
-    except AssetMissingError as e:
-        pytest.skip(f"SmolLM2 teacher asset missing: {e}")
-    spec = importlib.util.spec_from_file_location("bench_generate_gate", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_bench_generate_times_nothing_when_the_gate_fails(tmp_path, monkeypatch, bench):
     monkeypatch.setattr(bench, "gate", lambda *a: {"passed": False, "what": "forced failure"})
     monkeypatch.setattr(bench, "measure", lambda *a: pytest.fail("a point was timed after a failed gate"))
     rc = bench.main(["--num-layers", "1", "--batch", "1", "--context", "80", "--device", "cpu", "--out", str(tmp_path)])
