@@ -149,8 +149,10 @@ def measure(model, ids: torch.Tensor, new_tokens: int, repeats: int) -> dict:
     rec = {"prefill_s": round(t1, 4), "decode_s": round(decode_s, 4)}
     rec["decode_tokens_per_s"] = round(ids.shape[0] * new_tokens / decode_s, 2)
     rec["ms_per_step"] = round(1000 * decode_s / new_tokens, 3)
-    rec["cache_bytes"] = cache_bytes(out.past_key_values)
-    rec["cache_type"] = type(out.past_key_values).__name__
+    from hf_hybrid_attn.compat import output_cache
+
+    rec["cache_bytes"] = cache_bytes(output_cache(out))
+    rec["cache_type"] = type(output_cache(out)).__name__
     if device.type == "cuda":
         rec["peak_extra_bytes"] = int(torch.cuda.max_memory_allocated(device) - resident)
     return rec

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from . import compat
 from .cache import HybridCacheLayer
 
 ATTN_IMPLEMENTATION = "hybrid_linear_swa"
@@ -93,10 +94,11 @@ def hybrid_attention_forward(
     dropout: float = 0.0,
     **kwargs,
 ):
-    if kwargs.get("cache") is not None or kwargs.get("paged_attention_cache") is not None:
+    if compat.is_paged_or_packed(getattr(module, "_hybrid_past_key_values", None), kwargs):
         raise ValueError(
-            "hybrid_linear_swa does not support paged attention / continuous batching (`cache=` was passed): "
-            "its recurrent state is per sequence; use model.generate() with the default HybridCache"
+            "hybrid_linear_swa does not support paged attention / continuous batching or packed, padding-free "
+            "batches (a paged cache or cu_seq_lens/block_table was passed): its recurrent state is per sequence; "
+            "use model.generate() with the default HybridCache, and pad batches instead of packing them"
         )
     hybrid = getattr(module, "hybrid", None)
     if hybrid is None:  # a layer left unconverted: exact softmax
@@ -149,7 +151,7 @@ def _check_full_history_layer(layer, Tk: int) -> None:
 
 
 def _capture_cache_pre_hook(module, args, kwargs):
-    module._hybrid_past_key_values = kwargs.get("past_key_values", kwargs.get("past_key_value"))
+    module._hybrid_past_key_values = compat.find_cache(kwargs)
     return None
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from . import compat
 from .attention import ATTN_IMPLEMENTATION, install_cache_hooks
 from .cache import HybridCache
 from .config import COMPONENT_MODES, HybridConfig
@@ -121,7 +122,7 @@ class HybridModelMixin:
         return self.config._attn_implementation == ATTN_IMPLEMENTATION
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        if (model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False
+        if (not compat.has_cache(model_kwargs) and generation_config.use_cache is not False
                 and self._hybrid_attention_active()):
             impl = generation_config.cache_implementation
             if impl not in (None, "dynamic", "hybrid"):
@@ -129,7 +130,7 @@ class HybridModelMixin:
                     f"cache_implementation={impl!r} is not supported by hybrid models; leave it unset to use "
                     "HybridCache (constant memory per sequence)"
                 )
-            model_kwargs["past_key_values"] = HybridCache(self.config)
+            compat.set_cache(model_kwargs, HybridCache(self.config), self)
             return None
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
@@ -218,14 +219,14 @@ def _forward_with_hybrid_cache(base_forward):
     """The causal LM's forward, except that an explicit `use_cache=True` without a cache gets a
     HybridCache (constant memory, cached steps on the fast path) instead of the DynamicCache the
     base model would create, while the hybrid attention is active (not in `softmax_view`).
-    `past_key_values` / `use_cache` must be passed by keyword for this. The signature is the base
-    one (generate() validates kwargs with it)."""
+    The cache (`cache`, or `past_key_values` before transformers 5.24) and `use_cache` must be
+    passed by keyword for this. The signature is the base one (generate() validates kwargs with it)."""
 
     @functools.wraps(base_forward)
     def forward(self, *args, **kwargs):
-        if (kwargs.get("use_cache") is True and kwargs.get("past_key_values") is None and len(args) < 4
+        if (kwargs.get("use_cache") is True and not compat.has_cache(kwargs) and len(args) < 4
                 and self._hybrid_attention_active()):
-            kwargs["past_key_values"] = HybridCache(self.config)
+            compat.set_cache(kwargs, HybridCache(self.config), base_forward)
         return base_forward(self, *args, **kwargs)
 
     return forward

@@ -5,6 +5,7 @@ import torch
 from transformers import DynamicCache
 
 import hf_hybrid_attn as hha
+from hf_hybrid_attn.compat import cache_kwargs, output_cache
 from conftest import randomize_mixers, tiny_model
 
 
@@ -37,11 +38,11 @@ def test_token_by_token_equals_uncached(model, mode, prefill, covers):
         full = model(ids, attention_mask=mask, position_ids=pos).logits
         cache = hha.HybridCache(model.config)
         outs = [model(ids[:, :prefill], attention_mask=mask[:, :prefill], position_ids=pos[:, :prefill],
-                      past_key_values=cache, use_cache=True).logits]
+                      **cache_kwargs(cache), use_cache=True).logits]
         sizes = []
         for t in range(prefill, ids.shape[1]):
             outs.append(model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], position_ids=pos[:, t : t + 1],
-                              past_key_values=cache, use_cache=True).logits)
+                              **cache_kwargs(cache), use_cache=True).logits)
             sizes.append(cache.memory_bytes())
     for _, attn in hha.iter_hybrid_attention(model):
         attn.hybrid.linear_covers_window = False
@@ -60,7 +61,7 @@ def test_multi_token_chunks_equal_uncached(model):
         outs = []
         for a, b in [(0, 7), (7, 8), (8, 20), (20, 40)]:
             outs.append(model(ids[:, a:b], attention_mask=mask[:, :b], position_ids=pos[:, a:b],
-                              past_key_values=cache, use_cache=True).logits)
+                              **cache_kwargs(cache), use_cache=True).logits)
     assert (torch.cat(outs, 1) - full)[mask.bool()].abs().max().item() <= 1e-5
 
 
@@ -74,12 +75,12 @@ def test_decode_steps_map_only_the_new_key_and_keep_the_buffer_phi_k(model):
     try:
         with torch.no_grad():
             cache = hha.HybridCache(model.config)
-            model(ids[:, :11], attention_mask=mask[:, :11], position_ids=pos[:, :11], past_key_values=cache)
+            model(ids[:, :11], attention_mask=mask[:, :11], position_ids=pos[:, :11], **cache_kwargs(cache))
             assert set(seen) == {11}
             seen.clear()
             for t in range(11, 20):
                 model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], position_ids=pos[:, t : t + 1],
-                      past_key_values=cache)
+                      **cache_kwargs(cache))
     finally:
         for h in hooks:
             h.remove()
@@ -102,10 +103,10 @@ def test_cached_steps_with_autograd_can_backward(model):
         with torch.set_grad_enabled(grad):
             cache = hha.HybridCache(model.config)
             logits = [model(ids[:, :12], attention_mask=mask[:, :12], position_ids=pos[:, :12],
-                            past_key_values=cache).logits]
+                            **cache_kwargs(cache)).logits]
             for t in range(12, 20):
                 logits.append(model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], position_ids=pos[:, t : t + 1],
-                                    past_key_values=cache).logits)
+                                    **cache_kwargs(cache)).logits)
             outs[grad] = torch.cat(logits, 1)
     outs[True].sum().backward()
     _, attn = next(iter(hha.iter_hybrid_attention(model)))
@@ -122,16 +123,16 @@ def test_forward_with_use_cache_returns_a_hybrid_cache(model):
     with torch.no_grad():
         full = model(ids, attention_mask=mask, position_ids=pos).logits
         out = model(ids[:, :20], attention_mask=mask[:, :20], position_ids=pos[:, :20], use_cache=True)
-        assert isinstance(out.past_key_values, hha.HybridCache)
+        assert isinstance(output_cache(out), hha.HybridCache)
         logits = [out.logits]
         for t in range(20, 30):
             out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], position_ids=pos[:, t : t + 1],
-                        past_key_values=out.past_key_values, use_cache=True)
+                        **cache_kwargs(output_cache(out)), use_cache=True)
             logits.append(out.logits)
         assert (torch.cat(logits, 1) - full)[mask.bool()].abs().max().item() <= 1e-5
-        dyn = model(ids[:, :5], past_key_values=DynamicCache(config=model.config), use_cache=True).past_key_values
+        dyn = output_cache(model(ids[:, :5], **cache_kwargs(DynamicCache(config=model.config)), use_cache=True))
         assert isinstance(dyn, DynamicCache)
-        assert model(ids[:, :5], use_cache=False).past_key_values is None
+        assert output_cache(model(ids[:, :5], use_cache=False)) is None
 
 
 def test_softmax_view_caches_like_the_base_model(model):
@@ -142,9 +143,9 @@ def test_softmax_view_caches_like_the_base_model(model):
     ids = torch.randint(3, 99, (2, 9))
     with softmax_view(model), torch.no_grad():
         out = model(ids, use_cache=True)
-        assert isinstance(out.past_key_values, DynamicCache)
-        step = model(ids[:, -1:].clone(), past_key_values=out.past_key_values, use_cache=True)
-        assert isinstance(step.past_key_values, DynamicCache)
+        assert isinstance(output_cache(out), DynamicCache)
+        step = model(ids[:, -1:].clone(), **cache_kwargs(output_cache(out)), use_cache=True)
+        assert isinstance(output_cache(step), DynamicCache)
         gen = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
         assert torch.equal(model(gen).logits[:, 8:-1].argmax(-1), gen[:, 9:])
 
@@ -155,11 +156,11 @@ def test_prefill_in_inference_mode_then_decode_under_no_grad(model):
         full = model(ids, attention_mask=mask, position_ids=pos).logits
     cache = hha.HybridCache(model.config)
     with torch.inference_mode():
-        outs = [model(ids[:, :12], attention_mask=mask[:, :12], position_ids=pos[:, :12], past_key_values=cache).logits]
+        outs = [model(ids[:, :12], attention_mask=mask[:, :12], position_ids=pos[:, :12], **cache_kwargs(cache)).logits]
     with torch.no_grad():
         for t in range(12, 30):
             outs.append(model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], position_ids=pos[:, t : t + 1],
-                              past_key_values=cache).logits)
+                              **cache_kwargs(cache)).logits)
     assert (torch.cat(outs, 1) - full)[mask.bool()].abs().max().item() <= 1e-5
 
 
@@ -168,10 +169,10 @@ def test_dynamic_cache_takes_exact_full_history_path(model):
     with torch.no_grad():
         full = model(ids, attention_mask=mask, position_ids=pos).logits
         cache = DynamicCache(config=model.config)
-        outs = [model(ids[:, :10], attention_mask=mask[:, :10], position_ids=pos[:, :10], past_key_values=cache).logits]
+        outs = [model(ids[:, :10], attention_mask=mask[:, :10], position_ids=pos[:, :10], **cache_kwargs(cache)).logits]
         for t in range(10, 30):
             outs.append(model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], position_ids=pos[:, t : t + 1],
-                              past_key_values=cache).logits)
+                              **cache_kwargs(cache)).logits)
     assert (torch.cat(outs, 1) - full)[mask.bool()].abs().max().item() <= 1e-5
 
 
@@ -189,8 +190,8 @@ def test_generate_uses_hybrid_cache_with_constant_memory(model):
     sizes = []
     for n in (20, 60):
         res = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, return_dict_in_generate=True)
-        assert isinstance(res.past_key_values, hha.HybridCache)
-        sizes.append(res.past_key_values.memory_bytes())
+        assert isinstance(output_cache(res), hha.HybridCache)
+        sizes.append(output_cache(res).memory_bytes())
     assert sizes[0] == sizes[1]
 
 

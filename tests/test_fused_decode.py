@@ -15,6 +15,7 @@ pytest.importorskip("triton")
 from test_cache import left_padded  # noqa: E402
 
 import hf_hybrid_attn as hha  # noqa: E402
+from hf_hybrid_attn.compat import cache_kwargs  # noqa: E402
 import hf_hybrid_attn.kernels.triton_decode as triton_decode  # noqa: E402
 from conftest import randomize_mixers, tiny_model  # noqa: E402
 
@@ -55,10 +56,10 @@ def _set(model, backend: str, covers: bool = False) -> None:
 def _decode(model, ids, mask, pos, prefill):
     cache = hha.HybridCache(model.config)
     outs = [model(ids[:, :prefill], attention_mask=mask[:, :prefill], position_ids=pos[:, :prefill],
-                  past_key_values=cache, use_cache=True).logits]
+                  **cache_kwargs(cache), use_cache=True).logits]
     for t in range(prefill, ids.shape[1]):
         outs.append(model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], position_ids=pos[:, t : t + 1],
-                          past_key_values=cache, use_cache=True).logits)
+                          **cache_kwargs(cache), use_cache=True).logits)
     return torch.cat(outs, 1), cache
 
 
@@ -94,12 +95,12 @@ def test_modes_switched_mid_stream_keep_the_cache_exact(model, counted):
         _set(model, backend)
         cache = hha.HybridCache(model.config)
         hha.set_component_mode(model, "hybrid")
-        outs = [model(ids[:, :2], attention_mask=mask[:, :2], position_ids=pos[:, :2], past_key_values=cache,
+        outs = [model(ids[:, :2], attention_mask=mask[:, :2], position_ids=pos[:, :2], **cache_kwargs(cache),
                       use_cache=True).logits]
         for t in range(2, 18):
             hha.set_component_mode(model, schedule[t])
             outs.append(model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], position_ids=pos[:, t : t + 1],
-                              past_key_values=cache, use_cache=True).logits)
+                              **cache_kwargs(cache), use_cache=True).logits)
         return torch.cat(outs, 1)
 
     try:
@@ -135,8 +136,8 @@ def test_training_and_stats_never_take_the_inference_kernel(model, counted):
         _set(model, "triton")
         cache = hha.HybridCache(model.config)
         with torch.no_grad():
-            model(ids[:, :7], attention_mask=mask[:, :7], position_ids=pos[:, :7], past_key_values=cache)
-        q_grad = model(ids[:, 7:], attention_mask=mask, position_ids=pos[:, 7:], past_key_values=cache).logits
+            model(ids[:, :7], attention_mask=mask[:, :7], position_ids=pos[:, :7], **cache_kwargs(cache))
+        q_grad = model(ids[:, 7:], attention_mask=mask, position_ids=pos[:, 7:], **cache_kwargs(cache)).logits
         assert q_grad.requires_grad and counted == []  # a step with autograd uses the differentiable path
     finally:
         _set(model, "auto")
