@@ -18,11 +18,14 @@ from .cache import HybridCacheLayer
 ATTN_IMPLEMENTATION = "hybrid_linear_swa"
 
 
-def mask_to_key_valid(attention_mask: torch.Tensor | None, batch: int, q_len: int, kv_len: int, device) -> torch.Tensor:
+def mask_to_key_valid(attention_mask: torch.Tensor | None, batch: int, q_len: int, kv_len: int, device,
+                      sliding_window: int | None = None) -> torch.Tensor:
     """Key validity [B, Tk] from transformers' 4-D mask (bool: True = attend; or additive float).
 
-    The hybrid layer supports causal attention with padding only; any other mask (e.g. packed
-    sequences) is refused rather than silently mis-handled."""
+    The hybrid layer supports causal attention with padding only, plus the teacher's own sliding
+    window on layers that had one (`sliding_window`: the mask then also hides keys j <= i - window,
+    as transformers builds it for that layer type); any other mask (e.g. packed sequences) is
+    refused rather than silently mis-handled."""
     if attention_mask is None:
         return torch.ones(batch, kv_len, dtype=torch.bool, device=device)
     if attention_mask.dim() != 4:
@@ -37,9 +40,21 @@ def mask_to_key_valid(attention_mask: torch.Tensor | None, batch: int, q_len: in
             f"attention_mask: expected shape [B, 1, {q_len}, >= {kv_len}], got {tuple(attention_mask.shape)}"
         )
     allowed = allowed[:, 0].expand(batch, q_len, kv_len)
-    key_valid = allowed[:, -1, :]  # the last query sees every earlier key: its row is the padding
     qpos = torch.arange(kv_len - q_len, kv_len, device=device)
-    causal = qpos[:, None] >= torch.arange(kv_len, device=device)[None, :]
+    kpos = torch.arange(kv_len, device=device)
+    causal = qpos[:, None] >= kpos[None, :]
+    if sliding_window is None:
+        key_valid = allowed[:, -1, :]  # the last query sees every earlier key: its row is the padding
+    else:
+        causal = causal & (qpos[:, None] - kpos[None, :] < sliding_window)
+        seen = causal.any(0)  # keys inside some query's band: their validity is in the mask
+        if not bool(seen.all()):
+            raise ValueError(
+                f"attention_mask: the teacher's sliding window ({sliding_window}) hides {int((~seen).sum())} of the "
+                f"{kv_len} keys from every query, so their padding cannot be read from the mask; use the default "
+                "HybridCache (generate() creates it) rather than a full-history cache on this model"
+            )
+        key_valid = (allowed & causal[None]).any(1)
     expected = causal[None] & key_valid[:, None, :]
     # A row that should see nothing (a left-padded query) may come back all-True from older
     # transformers' "torch fix" of fully masked rows; every other row must be exactly causal+padding.
@@ -109,7 +124,15 @@ def hybrid_attention_forward(
     Tk = key.shape[2]
     if Tk < Tq:
         raise ValueError(f"hybrid_linear_swa: key length {Tk} is shorter than query length {Tq}")
-    key_valid = mask_to_key_valid(attention_mask, B, Tq, Tk, query.device)
+    teacher_window = _active_mixer_attr(hybrid, "teacher_window")
+    passed = kwargs.get("sliding_window", teacher_window)  # Mistral, Qwen2/3, Gemma-3 pass it; Llama does not
+    if passed != teacher_window:
+        raise ValueError(
+            f"hybrid_linear_swa: layer {module.layer_idx} was converted with the teacher's sliding window "
+            f"{teacher_window}, but transformers passed sliding_window={passed}; the config and the converted "
+            "layers disagree (was config.sliding_window or layer_types edited after conversion?)"
+        )
+    key_valid = mask_to_key_valid(attention_mask, B, Tq, Tk, query.device, teacher_window)
 
     hook = _active_mixer_attr(hybrid, "transfer_hook")
     if hook is not None:
@@ -136,17 +159,20 @@ def _active_mixer_attr(hybrid, name):
 
 
 def _check_full_history_layer(layer, Tk: int) -> None:
-    """With a cache layer that is not ours, k/v must be the whole history (exact full path)."""
-    if getattr(layer, "is_sliding", False) or type(layer).__name__ in ("StaticLayer", "StaticSlidingWindowLayer"):
+    """With a cache layer that is not ours, k/v must be the whole history (exact full path). A
+    sliding-window layer (the teacher's DynamicCache on a sliding layer) qualifies only while it has
+    returned everything it has seen, i.e. on its first call."""
+    if type(layer).__name__ in ("StaticLayer", "StaticSlidingWindowLayer"):
         raise ValueError(
-            f"hybrid_linear_swa: cache layer {type(layer).__name__} does not keep the full history in order; "
-            "use the default HybridCache (generate() creates it) or a DynamicCache without sliding windows. "
-            "Static caches / torch.compile are not supported yet."
+            f"hybrid_linear_swa: cache layer {type(layer).__name__} is not supported (static caches / torch.compile "
+            "are not supported yet); use the default HybridCache (generate() creates it) or a DynamicCache"
         )
     seen = layer.get_seq_length()
     if seen and seen != Tk:
         raise ValueError(
-            f"hybrid_linear_swa: cache layer {type(layer).__name__} holds {seen} tokens but returned {Tk} keys"
+            f"hybrid_linear_swa: cache layer {type(layer).__name__} has seen {seen} tokens but returned {Tk} keys: it "
+            "does not keep the full history (a sliding-window layer?); use the default HybridCache (generate() and "
+            "a forward with use_cache create it) or a DynamicCache without sliding windows"
         )
 
 

@@ -16,8 +16,10 @@ sequence does not grow with the generated length.
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
 
+from .config import HybridConfig
+from .config import teacher_windows as _teacher_windows
 from .layers import first_valid
 
 
@@ -193,23 +195,32 @@ class HybridCacheLayer(CacheLayerMixin):
 class HybridCache(Cache):
     """A `Cache` of `HybridCacheLayer`s; `generate()` builds one by default for hybrid models."""
 
-    def __init__(self, config=None, num_layers: int | None = None, hybrid_layers: list[int] | None = None, **kwargs):
-        """Layers listed in `hybrid_layers` (default: config.hybrid["layers"], None = all) get a
-        `HybridCacheLayer`; unconverted softmax layers get a full `DynamicLayer`."""
+    def __init__(self, config=None, num_layers: int | None = None, hybrid_layers: list[int] | None = None,
+                 teacher_windows: list[int | None] | None = None, **kwargs):
+        """Layers listed in `hybrid_layers` (default: the converted layers of config.hybrid["layers"])
+        get a `HybridCacheLayer`; unconverted layers keep the teacher's cache: a full `DynamicLayer`,
+        or a `DynamicSlidingWindowLayer` where the teacher's layer is sliding-window
+        (`teacher_windows`, default: read from `config`)."""
         if num_layers is None:
             if config is None:
                 raise ValueError("HybridCache needs `config` or `num_layers`")
             num_layers = config.get_text_config(decoder=True).num_hidden_layers
+        if teacher_windows is None:
+            teacher_windows = _teacher_windows(config) if config is not None else [None] * num_layers
+        if len(teacher_windows) != num_layers:
+            raise ValueError(f"teacher_windows: expected {num_layers} entries, got {len(teacher_windows)}")
         if hybrid_layers is None and config is not None and isinstance(getattr(config, "hybrid", None), dict):
-            hybrid_layers = config.hybrid.get("layers")
+            hybrid_layers = HybridConfig.from_dict(config.hybrid).layer_indices(num_layers, teacher_windows)
         hybrid_set = set(range(num_layers)) if hybrid_layers is None else set(hybrid_layers)
-        layers = [HybridCacheLayer() if i in hybrid_set else DynamicLayer() for i in range(num_layers)]
-        if len(hybrid_set) < num_layers:
-            # transformers builds one mask, for the first "full" layer: make that a DynamicLayer (whole
-            # history) so the hybrid layers can take the tail of it that covers their window buffer.
-            for layer in layers:
-                if isinstance(layer, HybridCacheLayer):
-                    layer.is_sliding = True
+        layers = []
+        for i, w in enumerate(teacher_windows):
+            if i in hybrid_set:
+                layer = HybridCacheLayer()
+                layer.is_sliding = w is not None
+            else:
+                layer = DynamicLayer() if w is None else DynamicSlidingWindowLayer(sliding_window=w)
+            layers.append(layer)
+        _route_masks(layers, hybrid_set, teacher_windows)
         super().__init__(layers=layers)
 
     def memory_bytes(self) -> int:
@@ -224,3 +235,26 @@ class HybridCache(Cache):
                 if t is not None:
                     total += t.numel() * t.element_size()
         return total
+
+
+def _route_masks(layers: list, hybrid_set: set[int], windows: list[int | None]) -> None:
+    """transformers builds one mask per layer kind, sized by the first cache layer of that kind
+    (`is_sliding`): the first non-sliding layer for the global mask, the first sliding one for the
+    sliding mask. A converted layer can read the tail of a longer mask (its span is the window
+    buffer plus the new tokens, never longer than an unconverted layer's of the same kind), but an
+    unconverted softmax layer needs a mask of exactly its own span. So where a kind has unconverted
+    layers, its converted layers must not be found first; they are flagged as the other kind when
+    that kind has no layers of its own, and layouts that cannot be served are refused."""
+    kinds = ["sliding" if w is not None else "full" for w in windows]
+    unconverted = {k for i, k in enumerate(kinds) if i not in hybrid_set}
+    present = set(kinds)
+    for i, layer in enumerate(layers):
+        if i in hybrid_set and kinds[i] in unconverted:
+            other = "full" if kinds[i] == "sliding" else "sliding"
+            if other in present:
+                raise ValueError(
+                    f"HybridConfig.layers: layer {i} is converted while other {kinds[i]}-attention layers are not, and "
+                    f"the teacher also has {other}-attention layers; transformers sizes one mask per kind, so this "
+                    "layout cannot be cached. Convert all layers of a kind together (e.g. layers='global', or all)"
+                )
+            layer.is_sliding = other == "sliding"

@@ -10,6 +10,8 @@ from typing import Any
 from .feature_maps import FEATURE_MAPS
 
 COMPONENT_MODES = ("hybrid", "swa_only", "linear_only", "sinks_only", "none")
+#: Named layer selections accepted by `HybridConfig.layers`.
+LAYER_SELECTORS = ("global",)
 BACKENDS = ("auto", "triton", "torch", "reference")
 #: Version of the checkpoint format written into config.json (`hybrid["format_version"]`).
 FORMAT_VERSION = 1
@@ -33,8 +35,14 @@ class HybridConfig:
     component_mode: str = "hybrid"
     """Which components run: hybrid, swa_only, linear_only, sinks_only or none (switchable at run time)."""
 
-    layers: list[int] | None = None
-    """Indices of the decoder layers to convert; None converts all of them."""
+    layers: list[int] | str | None = None
+    """Which decoder layers to convert: None converts all of them (the default, see below), a list of
+    indices converts those, and "global" converts only the layers that attend globally in the teacher
+    (for teachers that mix sliding-window and global layers, e.g. Gemma-3's 5 local : 1 global; on a
+    teacher without sliding layers it is every layer, on one with only sliding layers none, which is
+    refused). The default converts every layer: the method and its component diagnostics are defined
+    on the converted layers, every family behaves alike, and the recurrent state is the smallest cache.
+    "global" keeps the teacher's exact local attention where it is already linear-cost."""
 
     init_window_gamma: float = 0.1
     """Initial window weight gamma = sigmoid(window_logit), per head (SPEC: 0.1)."""
@@ -86,8 +94,14 @@ class HybridConfig:
         for name in ("affine_mix", "linear_covers_window"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"HybridConfig.{name} must be a bool, got {getattr(self, name)!r}")
-        if self.layers is not None:
-            if isinstance(self.layers, (str, bytes)) or not all(
+        if isinstance(self.layers, str):
+            if self.layers not in LAYER_SELECTORS:
+                raise ValueError(
+                    f"HybridConfig.layers must be None, a list of layer indices or one of {LAYER_SELECTORS}, "
+                    f"got {self.layers!r}"
+                )
+        elif self.layers is not None:
+            if isinstance(self.layers, bytes) or not all(
                 isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers
             ):
                 raise ValueError(
@@ -102,9 +116,22 @@ class HybridConfig:
         g = float(self.init_window_gamma)
         return math.log(g / (1.0 - g))
 
-    def layer_indices(self, num_layers: int) -> list[int]:
+    def layer_indices(self, num_layers: int, teacher_windows: list[int | None] | None = None) -> list[int]:
+        """The converted layers' indices. `teacher_windows` (see `teacher_windows()`) is needed for
+        layers="global"; without it every layer counts as global."""
         if self.layers is None:
             return list(range(num_layers))
+        if self.layers == "global":
+            windows = teacher_windows if teacher_windows is not None else [None] * num_layers
+            if len(windows) != num_layers:
+                raise ValueError(f"teacher_windows: expected {num_layers} entries, got {len(windows)}")
+            found = [i for i, w in enumerate(windows) if w is None]
+            if not found:
+                raise ValueError(
+                    "HybridConfig.layers='global': the teacher has no global-attention layer (every layer is "
+                    "sliding-window); convert all layers (layers=None) or name them"
+                )
+            return found
         bad = [i for i in self.layers if i >= num_layers]
         if bad:
             raise ValueError(f"HybridConfig.layers has indices {bad} but the model has {num_layers} layers")
@@ -132,3 +159,29 @@ class HybridConfig:
 
     def replace(self, **changes: Any) -> HybridConfig:
         return dataclasses.replace(self, **changes)
+
+
+def teacher_windows(model_config: Any) -> list[int | None]:
+    """Per decoder layer, the teacher's own sliding window (None: the layer attends globally), read the
+    way transformers' attention modules read it: `layer_types` where the family has them (Qwen2/3,
+    Gemma-3: "sliding_attention" layers use `sliding_window`), else one `sliding_window` for every
+    layer (Mistral), else None (Llama)."""
+    cfg = model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") else model_config
+    n = cfg.num_hidden_layers
+    window = getattr(cfg, "sliding_window", None)
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types is not None:
+        unknown = sorted({t for t in layer_types} - {"full_attention", "sliding_attention"})
+        if unknown:
+            raise ValueError(
+                f"model: layer_types {unknown} are not supported (supported: full_attention, sliding_attention)"
+            )
+        if len(layer_types) != n:
+            raise ValueError(f"model: config.layer_types has {len(layer_types)} entries for {n} layers")
+        out = [window if t == "sliding_attention" else None for t in layer_types]
+    else:
+        out = [window] * n
+    for w in out:
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
+            raise ValueError(f"model: config.sliding_window must be a positive integer or None, got {w!r}")
+    return out

@@ -39,14 +39,21 @@ class HybridMixer(nn.Module):
 
     Attributes set at run time (not saved):
       mode           one of COMPONENT_MODES
-      window         the softmax window w (SSD may schedule it)
+      window         the softmax window this layer uses: min(w, teacher_window) (SSD may schedule w)
+      teacher_window the teacher's own sliding window on this layer (None: a global layer); the
+                     softmax branch never reaches further back than the teacher did (SPEC §2)
       swa_drop       None, or a bool tensor [B]: rows that run `linear_only` (SSD, sample granularity)
       transfer_hook  None, or callable(module, q, k, v, key_valid, scaling) -> [B, T, H, D]; when set
                      the attention function returns its result (stage-1 attention transfer)
     """
 
-    def __init__(self, config: HybridConfig, num_heads: int, num_kv_heads: int, head_dim: int):
+    def __init__(self, config: HybridConfig, num_heads: int, num_kv_heads: int, head_dim: int,
+                 teacher_window: int | None = None):
         super().__init__()
+        if teacher_window is not None and (isinstance(teacher_window, bool) or not isinstance(teacher_window, int)
+                                           or teacher_window < 1):
+            raise ValueError(f"teacher_window must be None or an integer >= 1, got {teacher_window!r}")
+        self.teacher_window = teacher_window
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.feature_map_name = config.feature_map
         self.feature_map_q = build_feature_map(config.feature_map, num_heads, head_dim, config.feature_dim)
@@ -63,6 +70,15 @@ class HybridMixer(nn.Module):
         self.swa_drop: torch.Tensor | None = None
         self.transfer_hook = None
 
+    @property
+    def window(self) -> int:
+        w = self._window
+        return w if self.teacher_window is None else min(w, self.teacher_window)
+
+    @window.setter
+    def window(self, value: int) -> None:
+        self._window = value
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """SPEC initialisation: identity-like feature maps, gamma = init_window_gamma."""
@@ -71,7 +87,8 @@ class HybridMixer(nn.Module):
         self.window_logit.fill_(self.init_window_logit)
 
     def extra_repr(self) -> str:
-        return f"mode={self.mode!r}, window={self.window}, feature_map={self.feature_map_name!r}"
+        tw = "" if self.teacher_window is None else f", teacher_window={self.teacher_window}"
+        return f"mode={self.mode!r}, window={self.window}{tw}, feature_map={self.feature_map_name!r}"
 
     # -- mixing factors -------------------------------------------------------------------------
     def gamma(self) -> torch.Tensor:

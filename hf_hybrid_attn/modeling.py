@@ -24,7 +24,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from . import compat
 from .attention import ATTN_IMPLEMENTATION, install_cache_hooks
 from .cache import HybridCache
-from .config import COMPONENT_MODES, HybridConfig
+from .config import COMPONENT_MODES, HybridConfig, teacher_windows
+from .families import FAMILIES
 from .layers import HybridMixer
 
 LOADER_MODULE = "hybrid_loader"
@@ -44,13 +45,6 @@ _modeling = importlib.import_module("hf_hybrid_attn.modeling")
 {lm} = _modeling.{lm}
 '''
 
-#: base model_type -> (module, config class name, causal-LM class name)
-FAMILIES: dict[str, tuple[str, str, str]] = {
-    "llama": ("transformers.models.llama", "LlamaConfig", "LlamaForCausalLM"),
-    "mistral": ("transformers.models.mistral", "MistralConfig", "MistralForCausalLM"),
-    "qwen2": ("transformers.models.qwen2", "Qwen2Config", "Qwen2ForCausalLM"),
-    "qwen3": ("transformers.models.qwen3", "Qwen3Config", "Qwen3ForCausalLM"),
-}
 HYBRID_CONFIGS: dict[str, type] = {}
 HYBRID_MODELS: dict[str, type] = {}
 
@@ -78,14 +72,9 @@ class HybridConfigMixin:
         elif isinstance(self.hybrid, HybridConfig):
             self.hybrid = self.hybrid.to_dict()
         HybridConfig.from_dict(self.hybrid)  # validate (and check the format version) on load
-        # Converted configs must not carry a base sliding window: it would hide keys from the linear
-        # branch (Mistral, Qwen2) — SPEC/HF_NOTES.
-        if getattr(self, "sliding_window", None) is not None:
-            self.sliding_window = None
-        if getattr(self, "use_sliding_window", None):
-            self.use_sliding_window = False
-        if getattr(self, "layer_types", None) is not None:
-            self.layer_types = ["full_attention"] * len(self.layer_types)
+        # The teacher's own attention layout (sliding_window, use_sliding_window, layer_types) is kept
+        # as is: the `sdpa` view of a converted checkpoint is exactly the teacher, and a converted
+        # sliding layer caps its softmax window at the teacher's (HybridMixer.teacher_window, SPEC §2).
 
 
 class HybridModelMixin:
@@ -94,10 +83,11 @@ class HybridModelMixin:
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         hcfg = hybrid_config_of(config)
-        for idx in hcfg.layer_indices(config.num_hidden_layers):
+        windows = teacher_windows(config)
+        for idx in hcfg.layer_indices(config.num_hidden_layers, windows):
             attn = self.model.layers[idx].self_attn
             attn.hybrid = HybridMixer(
-                hcfg, config.num_attention_heads, config.num_key_value_heads, attn.head_dim
+                hcfg, config.num_attention_heads, config.num_key_value_heads, attn.head_dim, windows[idx]
             )
             install_cache_hooks(attn)
 
@@ -216,16 +206,20 @@ def quiet_base_config_probe():
 
 
 def _forward_with_hybrid_cache(base_forward):
-    """The causal LM's forward, except that an explicit `use_cache=True` without a cache gets a
-    HybridCache (constant memory, cached steps on the fast path) instead of the DynamicCache the
-    base model would create, while the hybrid attention is active (not in `softmax_view`).
-    The cache (`cache`, or `past_key_values` before transformers 5.24) and `use_cache` must be
-    passed by keyword for this. The signature is the base one (generate() validates kwargs with it)."""
+    """The causal LM's forward, except that a forward that will return a cache but was given none
+    gets a HybridCache (constant memory, cached steps on the fast path) instead of the DynamicCache
+    the base model would create, while the hybrid attention is active (not in `softmax_view`):
+    `use_cache=True`, or `use_cache` left unset with config.use_cache on, outside training (in
+    training mode the base model's choice stands: no state is folded there). The cache (`cache`, or
+    `past_key_values` before transformers 5.24) and `use_cache` must be passed by keyword for this.
+    The signature is the base one (generate() validates kwargs with it)."""
 
     @functools.wraps(base_forward)
     def forward(self, *args, **kwargs):
-        if (kwargs.get("use_cache") is True and not compat.has_cache(kwargs) and len(args) < 4
-                and self._hybrid_attention_active()):
+        use_cache = kwargs.get("use_cache")
+        wants_cache = use_cache is True or (use_cache is None and not self.training
+                                            and getattr(self.config, "use_cache", False))
+        if wants_cache and not compat.has_cache(kwargs) and len(args) < 4 and self._hybrid_attention_active():
             compat.set_cache(kwargs, HybridCache(self.config), base_forward)
         return base_forward(self, *args, **kwargs)
 
@@ -264,6 +258,17 @@ def register_families() -> None:
         globals()[lm_cls.__name__] = lm_cls
 
 
+def _check_attention_supported(cfg) -> None:
+    """Attention features of a teacher that the hybrid layer cannot reproduce are refused up front."""
+    if getattr(cfg, "attn_logit_softcapping", None) is not None:
+        raise ValueError(
+            f"model: attn_logit_softcapping={cfg.attn_logit_softcapping} is not supported (the hybrid's window "
+            "softmax has no logit soft-capping); convert a teacher without it"
+        )
+    if getattr(cfg, "use_bidirectional_attention", None):
+        raise ValueError("model: use_bidirectional_attention=True is not supported: the hybrid layer is causal")
+
+
 def convert(model: PreTrainedModel, config: HybridConfig | None = None, **overrides) -> PreTrainedModel:
     """Turn a loaded softmax causal LM into its hybrid class, in place, and return it.
 
@@ -286,7 +291,9 @@ def convert(model: PreTrainedModel, config: HybridConfig | None = None, **overri
         raise ValueError(
             f"model: expected a {FAMILIES[model_type][2]} (causal LM head), got {type(model).__name__}"
         )
-    layer_ids = config.layer_indices(model.config.num_hidden_layers)
+    _check_attention_supported(model.config)
+    windows = teacher_windows(model.config)
+    layer_ids = config.layer_indices(model.config.num_hidden_layers, windows)
 
     base = model.config.to_dict()
     for key in ("model_type", "transformers_version", "architectures", "quantization_config"):
@@ -309,7 +316,8 @@ def convert(model: PreTrainedModel, config: HybridConfig | None = None, **overri
     for idx in layer_ids:
         attn = model.model.layers[idx].self_attn
         proj = attn.q_proj.weight
-        mixer = HybridMixer(config, new_cfg.num_attention_heads, new_cfg.num_key_value_heads, attn.head_dim)
+        mixer = HybridMixer(config, new_cfg.num_attention_heads, new_cfg.num_key_value_heads, attn.head_dim,
+                            windows[idx])
         attn.hybrid = mixer.to(device=proj.device, dtype=proj.dtype)
         install_cache_hooks(attn)
     return model

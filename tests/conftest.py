@@ -16,9 +16,10 @@ def _seed():
 
 def tiny_config(family: str = "llama", **overrides):
     """The transformers test-suite's tiny shape: vocab 99, hidden 32, 2 layers, heads 4 / kv 2."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[family]
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
+           "gemma3_text": Gemma3TextConfig}[family]
     kw = dict(
         vocab_size=99,
         hidden_size=32,
@@ -33,6 +34,9 @@ def tiny_config(family: str = "llama", **overrides):
     )
     if family == "qwen3":
         kw["head_dim"] = 8
+    if family == "gemma3_text":  # q/k norms, its own query scaling, local/global RoPE; 2 local : 1 global
+        kw.update(head_dim=16, query_pre_attn_scalar=16, num_hidden_layers=3, num_key_value_heads=1, sliding_window=8,
+                  layer_types=["sliding_attention", "sliding_attention", "full_attention"])
     kw.update(overrides)
     return cls(**kw)
 

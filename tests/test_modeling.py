@@ -31,6 +31,7 @@ def padded_batch(T=24, B=7, pad=2, side="left"):
 def test_convert_keeps_base_weights_and_inits_per_spec(family):
     model = tiny_model(family)
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    teacher_cfg = model.config.to_dict()
     hha.convert(model, hha.HybridConfig(window=4, feature_dim=8))
     assert type(model).__name__.startswith("Hybrid") and model.config.model_type == f"hybrid_{family}"
     after = model.state_dict()
@@ -41,8 +42,11 @@ def test_convert_keeps_base_weights_and_inits_per_spec(family):
     for _, attn in hha.iter_hybrid_attention(model):
         torch.testing.assert_close(attn.hybrid.gamma(), torch.full((4,), 0.1))
         torch.testing.assert_close(attn.hybrid.feature_map_q.weight[0], torch.eye(attn.head_dim, 8))
-    if family in ("mistral", "qwen2"):
-        assert model.config.sliding_window is None
+    # the teacher's attention layout is kept (its sdpa view is the teacher: tests/test_families.py)
+    for key in ("sliding_window", "use_sliding_window", "layer_types"):
+        assert getattr(model.config, key, None) == teacher_cfg.get(key), key
+    expected_tw = 4096 if family == "mistral" else None  # Mistral's default window; Qwen2's is off by default
+    assert [a.hybrid.teacher_window for _, a in hha.iter_hybrid_attention(model)] == [expected_tw] * 2
 
 
 @pytest.mark.parametrize("family", FAMILIES)
