@@ -10,8 +10,8 @@ vpy=${PYTHON:-$root/.venv/bin/python}
 dir=${HUB_COMPAT_DIR:-$root/.venv/compat-hub1}
 if [ ! -f "$dir/.done" ]; then
   rm -rf "$dir"
-  "$vpy" -m pip install -q --no-deps --target "$dir" "huggingface_hub==1.33.0" >&2
-  "$vpy" -m pip install -q --target "$dir" "httpx>=0.27,<1" >&2
+  env -u PIP_CONSTRAINT "$vpy" -m pip install -q --no-deps --target "$dir" "huggingface_hub==1.33.0" >&2
+  env -u PIP_CONSTRAINT "$vpy" -m pip install -q --target "$dir" "httpx>=0.27,<1" >&2
   PYTHONPATH="$dir" "$vpy" -c "import huggingface_hub as h; assert h.__version__.startswith('1.'), h.__version__" >&2
   touch "$dir/.done"
 fi

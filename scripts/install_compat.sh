@@ -8,8 +8,8 @@ vpy=${PYTHON:-$root/.venv/bin/python}
 dir=${COMPAT_DIR:-$root/.venv/compat-tf517}
 if [ ! -f "$dir/.done" ]; then
   rm -rf "$dir"
-  "$vpy" -m pip install -q --no-deps --target "$dir" "transformers==5.17.0" "huggingface_hub==1.33.0" >&2
-  "$vpy" -m pip install -q --target "$dir" "httpx>=0.27,<1" >&2
+  env -u PIP_CONSTRAINT "$vpy" -m pip install -q --no-deps --target "$dir" "transformers==5.17.0" "huggingface_hub==1.33.0" >&2
+  env -u PIP_CONSTRAINT "$vpy" -m pip install -q --target "$dir" "httpx>=0.27,<1" >&2
   touch "$dir/.done"
 fi
 echo "$dir"

@@ -1,14 +1,30 @@
 #!/usr/bin/env bash
-# Sets up everything (see setup_env.sh), then runs the whole test suite on CPU, then the core tests
-# again against the oldest supported stack (transformers 5.17 + huggingface_hub 1.x, as on the GPU
-# machine). Extra args go to the main pytest run.
+# Sets up everything (see setup_env.sh: the locked stack of requirements/lock.txt), then runs
+#   1. the whole test suite on the locked stack (CPU; Triton kernels in Triton's interpreter);
+#   2. the core suites (modeling, cache + generation, families, hub round trip) on the oldest
+#      supported stack: transformers 5.17 + huggingface_hub 1.x, as on the GPU machine;
+#   3. the same core suites on the newest transformers and huggingface_hub on PyPI today, so that
+#      upstream drift fails CI the day it is released (users get that version too).
+# Extra args go to the main pytest run.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 bash scripts/setup_env.sh
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 vpy="${VENV:-$root/.venv}/bin/python"
+core=(tests/test_modeling.py tests/test_cache.py tests/test_families.py)
+versions='import transformers, huggingface_hub; print(f"[tests] transformers {transformers.__version__}, huggingface_hub {huggingface_hub.__version__}")'
+
+"$vpy" -c "$versions"
 "$vpy" -m pytest -q tests "$@"
-echo "[tests] core suite again on transformers 5.17 + huggingface_hub 1.x"
+
+echo "[tests] core suites on the oldest supported stack (transformers 5.17 + huggingface_hub 1.x)"
 compat=$(PYTHON="$vpy" bash scripts/install_compat.sh)
-PYTHONPATH="$compat" "$vpy" -m pytest -q tests/test_modeling.py tests/test_cache.py -p no:cacheprovider
+PYTHONPATH="$compat" "$vpy" -c "$versions"
+PYTHONPATH="$compat" "$vpy" -m pytest -q "${core[@]}" -p no:cacheprovider
+
+echo "[tests] core suites on the newest transformers + huggingface_hub releases"
+latest=$(PYTHON="$vpy" bash scripts/install_latest.sh)
+PYTHONPATH="$latest" "$vpy" -c "$versions"
+# the hub round trip on this stack only: the 1.x stacks ran in the main pass
+PYTHONPATH="$latest" "$vpy" -m pytest -q "${core[@]}" tests/test_hub.py -k "not hub1" -p no:cacheprovider
