@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-TEACHER_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-TEACHER_DESCRIPTION = "SmolLM2-135M-Instruct (Q4_1, dequantized)"
+from .families import TEACHER_DESCRIPTION, TEACHER_GGUF_NAME
+
 TEACHER_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 INSTALL_HINT = "run `bash scripts/install_assets.sh` (PYTHON=your venv's python)"
 CORPORA = ("sotu", "austen", "boolq")

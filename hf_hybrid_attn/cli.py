@@ -24,7 +24,7 @@ SUBCOMMAND_MODULES = {
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2", help="'smollm2' (the offline teacher) or a model directory")
+    p.add_argument("--model", default="smollm2", help="'smollm2' (the offline teacher), a model directory or a .gguf file")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
 
@@ -58,27 +58,12 @@ def _add_info(sub) -> None:
     p.set_defaults(func=lambda a: _info(a))
 
 
-def load_model(name: str, dtype: str = "float32"):
-    """'smollm2' -> the offline teacher; otherwise a directory saved with save_pretrained."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch_dtype = getattr(torch, dtype)
-    if name == "smollm2":
-        from .assets import load_teacher
-
-        return load_teacher(dtype=torch_dtype)
-    if not os.path.isdir(name):
-        raise SystemExit(f"--model: {name!r} is neither 'smollm2' nor an existing model directory")
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
-    tok = AutoTokenizer.from_pretrained(name)
-    return model.eval(), tok
-
-
 def _generate(args) -> int:
     import hf_hybrid_attn as hha
 
-    model, tok = load_model(args.model, args.dtype)
+    from .loading import cli_load_model
+
+    model, tok = cli_load_model(args.model, args.dtype)
     if not hasattr(model.config, "hybrid"):
         raise SystemExit(f"--model: {args.model!r} is not a converted hybrid model (run hf-hybrid convert first)")
     enc = tok(args.prompt, return_tensors="pt")

@@ -18,16 +18,15 @@ import hf_hybrid_attn as hha
 
 from .diagnostics import diagnose, is_hybrid
 from .evaluation.report import render_markdown
+from .loading import cli_load_model, display_name
 
 PROMPT = "The history of the United States Congress"
 
 
 def run_demo(args) -> int:
-    from .cli import load_model
-
     t0 = time.time()
-    model, tok = load_model(args.model, args.dtype)
-    name = "SmolLM2-135M-Instruct (Q4_1, dequantized)" if args.model == "smollm2" else args.model
+    model, tok = cli_load_model(args.model, args.dtype)
+    name = display_name(args.model)
     print(f"[demo] model: {name}  ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
           f"{model.config.num_hidden_layers} layers, loaded in {time.time() - t0:.1f}s)", flush=True)
     if not is_hybrid(model):

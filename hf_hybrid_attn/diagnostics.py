@@ -30,6 +30,7 @@ from .evaluation.probes import DEFAULT_DISTANCES, passkey_probe, prompt_lengths
 from .evaluation.report import write_report
 from .evaluation.scorer import LoglikelihoodScorer, evaluate_task
 from .evaluation.tasks import DEFAULT_TASKS, load_task, task_info
+from .loading import cli_load_model, display_name
 from .modeling import collect_linear_share, component_mode, iter_hybrid_attention
 
 SOFTMAX_IMPLEMENTATION = "sdpa"
@@ -79,7 +80,7 @@ def _headline(tasks: dict, probes: dict) -> dict:
 def _display_name(model) -> str:
     name = getattr(model.config, "_name_or_path", None) or type(model).__name__
     if "teacher_cache" in str(name) and "SmolLM2" in str(name):  # the dequantized-teacher cache folder
-        from .assets import TEACHER_DESCRIPTION
+        from .families import TEACHER_DESCRIPTION
 
         return TEACHER_DESCRIPTION
     return str(name)
@@ -193,7 +194,7 @@ def add_diagnose_subparser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("diagnose", help="component diagnostics: task scores per mode, perplexity by "
                               "position, passkey probe, LA-share heatmap",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="'smollm2' (the offline teacher) or a directory saved with save_pretrained")
+    p.add_argument("model", help="'smollm2' (the offline teacher), a directory saved with save_pretrained or a .gguf file")
     p.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS),
                    help=f"tasks (default: {' '.join(DEFAULT_TASKS)}; also mmlu_<subject>)")
     p.add_argument("--modes", nargs="+", default=list(COMPONENT_MODES), help="component modes to run")
@@ -215,39 +216,12 @@ def add_diagnose_subparser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def load_for_diagnose(name: str, dtype: str = "float32", num_layers: int | None = None):
-    """(model, tokenizer, display name) from 'smollm2' or a save_pretrained directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch_dtype = getattr(torch, dtype)
-    if name == "smollm2":
-        from .assets import TEACHER_DESCRIPTION, load_teacher
-
-        model, tok = load_teacher(dtype=torch_dtype, num_layers=num_layers)
-        return model, tok, TEACHER_DESCRIPTION
-    if not (Path(name) / "config.json").is_file():
-        raise SystemExit(f"MODEL: {name!r} is neither 'smollm2' nor a directory saved with save_pretrained")
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
-    tok = AutoTokenizer.from_pretrained(name)
-    if num_layers is not None:
-        n = model.config.num_hidden_layers
-        if not 1 <= num_layers <= n:
-            raise SystemExit(f"--num-layers: expected 1..{n} for this model, got {num_layers}")
-        model.model.layers = model.model.layers[:num_layers]
-        model.config.num_hidden_layers = num_layers
-        if getattr(model.config, "layer_types", None):
-            model.config.layer_types = model.config.layer_types[:num_layers]
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return model.eval(), tok, name
-
-
 def run_diagnose(args) -> int:
     if args.limit is not None and args.limit < 1:
         raise SystemExit(f"--limit: expected an integer >= 1, got {args.limit}")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    model, tok, name = load_for_diagnose(args.model, args.dtype, args.num_layers)
-    model.to(device)
+    model, tok = cli_load_model(args.model, args.dtype, args.num_layers, device, flag="MODEL")
+    name = display_name(args.model)
     try:
         results = diagnose(
             model, tok, tasks=args.tasks, modes=args.modes, limit=args.limit, out_dir=args.out,

@@ -22,8 +22,10 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
+from .families import FAMILIES, TEACHER_BASE_MODEL, TEACHER_DESCRIPTION
+
 TAG = "hybrid-linear-swa"
-SMOLLM2_TEACHER = "SmolLM2-135M-Instruct (Q4_1, dequantized)"
+SMOLLM2_TEACHER = TEACHER_DESCRIPTION
 TEMPLATE = os.path.join(os.path.dirname(__file__), "templates", "hybrid_model_card.md.j2")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 DIAGNOSTICS_JSON = ("diagnostics.json", "demo.json")
@@ -122,7 +124,7 @@ def _base_info(config: Mapping[str, Any], source_dir: str | None, card_data: Map
     log = _read_json(os.path.join(source_dir, "training_log.json")) if source_dir else None
     teacher_name = (log or {}).get("model")
     if teacher_name == "smollm2" or (teacher_name is None and _is_smollm2_135m(config)):
-        info.update(base_model="HuggingFaceTB/SmolLM2-135M-Instruct", license="apache-2.0", teacher=SMOLLM2_TEACHER)
+        info.update(base_model=TEACHER_BASE_MODEL, license="apache-2.0", teacher=SMOLLM2_TEACHER)
     elif isinstance(teacher_name, str) and os.path.isfile(os.path.join(teacher_name, "README.md")):
         info["license"] = _card_license(os.path.join(teacher_name, "README.md"))  # inherited from the base
     for key in ("base_model", "license"):
@@ -648,11 +650,15 @@ def _flatten_sources() -> dict[str, str]:
             else:  # from . import x
                 targets = [f"{base}.{a.name}" for a in node.names]
                 todo.extend(targets)
-                new = "from . import " + ", ".join(f"{_flat_name(t)} as {a.asname or a.name}"
-                                                   for t, a in zip(targets, node.names))
+                # transformers copies only the files named by `from .mod import ...` into its
+                # dynamic-module folder, so each module is first imported that way
+                new = "".join(f"from .{_flat_name(t)} import __name__ as _{_flat_name(t)}_name  # noqa: F401\n"
+                              for t in targets)
+                new += "from . import " + ", ".join(f"{_flat_name(t)} as {a.asname or a.name}"
+                                                    for t, a in zip(targets, node.names))
             edits.append((node.lineno, node.end_lineno, node.col_offset, new))
         for start, end, col, new in sorted(edits, reverse=True):
-            lines[start - 1:end] = [" " * col + new + "\n"]
+            lines[start - 1:end] = [" " * col + line + "\n" for line in new.split("\n")]
         out[_flat_name(module)] = "".join(lines)
     return out
 
@@ -683,8 +689,6 @@ def export_remote_code(model_or_dir: Any, out_dir: str) -> str:
     model_type = str(config.get("model_type", ""))
     if not config.get("hybrid") or not model_type.startswith("hybrid_"):
         raise ValueError(f"model_or_dir: not a converted hybrid checkpoint (model_type={model_type!r})")
-    from .modeling import FAMILIES
-
     base = model_type.removeprefix("hybrid_")
     if base not in FAMILIES:
         raise ValueError(f"model_or_dir: unsupported base family {base!r}; supported: {sorted(FAMILIES)}")

