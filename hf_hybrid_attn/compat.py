@@ -39,7 +39,7 @@ _PAGED_OR_PACKED_KWARGS = ("block_table", "cu_seq_lens_q", "cu_seq_lens_k", "pag
 TRANSFORMERS_VERSION: str = transformers.__version__
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cache_arg_of(fn: Callable) -> str | None:
     try:
         params = inspect.signature(fn).parameters  # follows __wrapped__ (deprecate_kwarg, wraps)

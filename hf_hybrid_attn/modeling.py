@@ -1,6 +1,6 @@
 """Hybrid config/model classes per base family, `convert()`, and run-time component modes.
 
-For each supported family (Llama, Mistral, Qwen2, Qwen3) a class factory makes
+For each supported family (Llama, Mistral, Qwen2, Qwen3, Gemma-3 text) a class factory makes
 `Hybrid<Family>Config(<Family>Config)` (model_type `hybrid_<family>`) and
 `Hybrid<Family>ForCausalLM(<Family>ForCausalLM)`, registered with the Auto classes. The model class
 attaches `self_attn.hybrid` to the converted layers in `__init__`, so checkpoints load with no

@@ -5,8 +5,8 @@ import torch
 from transformers import DynamicCache
 
 import hf_hybrid_attn as hha
-from hf_hybrid_attn.compat import cache_kwargs, output_cache
 from conftest import randomize_mixers, tiny_model
+from hf_hybrid_attn.compat import cache_kwargs, output_cache
 
 
 def left_padded(B=3, T=30):

@@ -15,9 +15,9 @@ pytest.importorskip("triton")
 from test_cache import left_padded  # noqa: E402
 
 import hf_hybrid_attn as hha  # noqa: E402
-from hf_hybrid_attn.compat import cache_kwargs  # noqa: E402
 import hf_hybrid_attn.kernels.triton_decode as triton_decode  # noqa: E402
 from conftest import randomize_mixers, tiny_model  # noqa: E402
+from hf_hybrid_attn.compat import cache_kwargs  # noqa: E402
 
 if not torch.cuda.is_available():
     import os
