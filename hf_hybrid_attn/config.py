@@ -185,3 +185,17 @@ def teacher_windows(model_config: Any) -> list[int | None]:
         if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
             raise ValueError(f"model: config.sliding_window must be a positive integer or None, got {w!r}")
     return out
+
+
+def parse_layers(value: str) -> list[int] | str | None:
+    """The command-line form of `HybridConfig.layers`: 'all' -> None, 'global' -> 'global',
+    '0,3' -> [0, 3]."""
+    if value in ("all", ""):
+        return None
+    if value in LAYER_SELECTORS:
+        return value
+    try:
+        return [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"expected 'all', {', '.join(repr(s) for s in LAYER_SELECTORS)} or comma-separated layer "
+                         f"indices, got {value!r}") from None

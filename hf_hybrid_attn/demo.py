@@ -1,8 +1,9 @@
 """The main job (`hf-hybrid demo`): convert the real teacher and print its component diagnostics.
 
-On the embedded default it loads SmolLM2-135M-Instruct (Q4_1, dequantized), converts it with the
-default `HybridConfig` (window 64, hedgehog, F=64; or --model DIR for an already converted
-checkpoint), then runs `hf_hybrid_attn.diagnostics.diagnose` beside the softmax base: zero-shot
+On the embedded default it loads SmolLM2-135M-Instruct (Q4_1, dequantized; `--model gemma3-270m`
+for the Gemma-3-270M teacher), converts it with the default `HybridConfig` (window 64, hedgehog,
+F=64, every layer; `--layers global` for the teacher's global layers only; or --model DIR for an
+already converted checkpoint), then runs `hf_hybrid_attn.diagnostics.diagnose` beside the softmax base: zero-shot
 tasks per component mode, perplexity inside the first w tokens and beyond, a passkey probe beyond
 the window, the LA share of the normaliser per layer, and the headline gaps. It prints the Markdown
 report and one greedy generation per mode.
@@ -30,7 +31,8 @@ def run_demo(args) -> int:
     print(f"[demo] model: {name}  ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
           f"{model.config.num_hidden_layers} layers, loaded in {time.time() - t0:.1f}s)", flush=True)
     if not is_hybrid(model):
-        cfg = hha.HybridConfig(window=args.window, feature_map=args.feature_map, feature_dim=args.feature_dim)
+        cfg = hha.HybridConfig(window=args.window, feature_map=args.feature_map, feature_dim=args.feature_dim,
+                               layers=getattr(args, "layers", None))
         hha.convert(model, cfg)
         print(f"[demo] converted with {cfg}")
         print("[demo] note: the feature maps are at their identity-like init (untrained); "

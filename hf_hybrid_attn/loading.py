@@ -17,7 +17,7 @@ import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from .families import TEACHER_DESCRIPTION
+from .families import GEMMA_DESCRIPTION, TEACHER_DESCRIPTION
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -37,9 +37,16 @@ def _load_smollm2(torch_dtype, num_layers: int | None):
     return load_teacher(dtype=torch_dtype, num_layers=num_layers)
 
 
-#: name -> offline teacher (e.g. a "gemma3-270m" entry can join "smollm2" here)
+def _load_gemma3(torch_dtype, num_layers: int | None):
+    from .assets import load_teacher
+
+    return load_teacher(dtype=torch_dtype, num_layers=num_layers, teacher="gemma3-270m")
+
+
+#: name -> offline teacher
 NAMED_TEACHERS: dict[str, NamedTeacher] = {
     "smollm2": NamedTeacher(TEACHER_DESCRIPTION, _load_smollm2),
+    "gemma3-270m": NamedTeacher(GEMMA_DESCRIPTION, _load_gemma3),
 }
 
 

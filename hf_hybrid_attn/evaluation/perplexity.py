@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..assets import tokenize_for_lm
+from ..assets import bos_id_if_needed, tokenize_for_lm
 from ..training.data import DEFAULT_SEED, DEFAULT_VAL_FRACTION, load_documents, split_documents
 
 DEFAULT_HELD_OUT = (DEFAULT_VAL_FRACTION, DEFAULT_SEED)  # (val_fraction, seed) of `hf-hybrid convert`
@@ -41,7 +41,8 @@ def corpus_blocks(
     tokenizer, corpus: str | Sequence[str], block_size: int = 512, max_blocks: int = 8, from_end: bool = True,
     held_out: tuple[float, int] | None = DEFAULT_HELD_OUT,
 ) -> torch.Tensor:
-    """[N, block_size] token ids: non-overlapping blocks cut from whole documents (no BOS).
+    """[N, block_size] token ids: non-overlapping blocks cut from whole documents (no BOS, except for
+    tokenizers that add one themselves, e.g. Gemma: then every block starts with it).
 
     corpus: a named offline corpus (only its held-out validation documents are used, see the
     module docstring; held_out=None uses them all) or a list of documents (used as given)."""
@@ -50,11 +51,13 @@ def corpus_blocks(
     if isinstance(max_blocks, bool) or not isinstance(max_blocks, int) or max_blocks < 1:
         raise ValueError(f"max_blocks: expected an int >= 1, got {max_blocks!r}")
     docs = held_out_documents(corpus, held_out) if isinstance(corpus, str) else list(corpus)
+    bos = bos_id_if_needed(tokenizer)  # models that need BOS (Gemma) get it in front of every block
+    body = block_size - (bos is not None)
     blocks: list[list[int]] = []
     for doc in reversed(docs) if from_end else docs:
         ids = tokenize_for_lm(tokenizer, doc)
-        for start in range(0, len(ids) - block_size + 1, block_size):
-            blocks.append(ids[start : start + block_size])
+        for start in range(0, len(ids) - body + 1, body):
+            blocks.append(([bos] if bos is not None else []) + ids[start : start + body])
             if len(blocks) == max_blocks:
                 return torch.tensor(blocks, dtype=torch.long)
     if not blocks:

@@ -65,7 +65,8 @@ def add_convert_subparser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=None, help="sliding window (default: the recipe's, 64)")
     p.add_argument("--feature-map", default=None, help="feature map name (default hedgehog)")
     p.add_argument("--feature-dim", type=int, default=None, help="feature dimension F (default 64)")
-    p.add_argument("--layers", default=None, help="comma-separated layer indices to convert (default: all)")
+    p.add_argument("--layers", default=None,
+                   help="layers to convert: 'all' (default), 'global' (the teacher's global layers) or indices 0,3")
     p.add_argument("--lr", type=float, default=None, help="stage-1 (attention transfer) learning rate (default 1e-2)")
     p.add_argument("--finetune-lr", type=float, default=None, help="stage-2 (LoRA) learning rate (default 1e-4)")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per micro-batch (both stages)")
@@ -94,10 +95,12 @@ def _overrides(args) -> dict[str, Any]:
         if getattr(args, name) is not None:
             o[key] = getattr(args, name)
     if args.layers:
+        from ..config import parse_layers
+
         try:
-            o["hybrid.layers"] = [int(x) for x in args.layers.split(",") if x.strip()]
-        except ValueError:
-            raise SystemExit(f"--layers: expected comma-separated integers, got {args.layers!r}") from None
+            o["hybrid.layers"] = parse_layers(args.layers)
+        except ValueError as e:
+            raise SystemExit(f"--layers: {e}") from None
     if args.lr is not None:
         o["transfer.lr"] = args.lr
     if args.finetune_lr is not None:

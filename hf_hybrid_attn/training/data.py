@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from ..assets import bos_id_if_needed
+
 CORPORA = ("sotu", "austen", "boolq")
 DEFAULT_VAL_FRACTION = 0.05  # documents held out for validation (also what diagnostics score perplexity on)
 DEFAULT_SEED = 0
@@ -111,10 +113,17 @@ def split_documents(docs: Sequence[str], val_fraction: float, seed: int = 0) -> 
     return train, val
 
 
-def pack_token_ids(docs_ids: Sequence[Sequence[int]], seq_len: int, eos_id: int, max_blocks: int | None = None) -> torch.Tensor:
-    """Concatenate [doc, EOS, doc, EOS, ...] and cut into `seq_len` blocks -> LongTensor [N, seq_len]."""
+def pack_token_ids(docs_ids: Sequence[Sequence[int]], seq_len: int, eos_id: int, max_blocks: int | None = None,
+                   bos_id: int | None = None) -> torch.Tensor:
+    """Concatenate [doc, EOS, doc, EOS, ...] and cut into `seq_len` blocks -> LongTensor [N, seq_len].
+    With `bos_id` (models that need BOS, e.g. Gemma) every block is BOS + seq_len-1 tokens."""
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
         raise ValueError(f"seq_len: expected an integer >= 2, got {seq_len!r}")
+    if bos_id is not None:
+        body = pack_token_ids(docs_ids, seq_len - 1, eos_id, max_blocks) if seq_len > 2 else None
+        if body is None:
+            raise ValueError(f"seq_len: expected an integer >= 3 with a BOS token, got {seq_len!r}")
+        return torch.cat([torch.full((body.shape[0], 1), bos_id, dtype=torch.long), body], 1)
     flat: list[int] = []
     limit = None if max_blocks is None else max_blocks * seq_len
     for ids in docs_ids:
@@ -182,7 +191,8 @@ def build_packed_data(
     docs = load_documents(source, text_field)
     train_docs, val_docs = split_documents(docs, val_fraction, seed)
     val_budget = None if max_val_blocks is None else (max_val_blocks + 1) * seq_len
-    val = pack_token_ids(_tokenize(tokenizer, val_docs, val_budget), seq_len, eos, max_val_blocks)
+    bos = bos_id_if_needed(tokenizer)
+    val = pack_token_ids(_tokenize(tokenizer, val_docs, val_budget), seq_len, eos, max_val_blocks, bos)
     if val.shape[0] == 0:
         n_val = sum(len(tokenizer(d, add_special_tokens=False)["input_ids"]) + 1 for d in val_docs)
         raise ValueError(
@@ -191,7 +201,7 @@ def build_packed_data(
         )
     train_budget = None if max_train_tokens is None else max_train_tokens + seq_len
     max_blocks = None if max_train_tokens is None else max(1, -(-max_train_tokens // seq_len))
-    train = pack_token_ids(_tokenize(tokenizer, train_docs, train_budget), seq_len, eos, max_blocks)
+    train = pack_token_ids(_tokenize(tokenizer, train_docs, train_budget), seq_len, eos, max_blocks, bos)
     if train.shape[0] == 0:
         raise ValueError(f"data: too few tokens for training: fewer than one block of seq_len={seq_len}")
     info = {
