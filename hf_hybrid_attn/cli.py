@@ -89,9 +89,8 @@ def _info(args) -> int:
 
 
 def _demo(args) -> int:
-    from .demo import run_demo
-
     from .config import parse_layers
+    from .demo import run_demo
 
     try:
         args.layers = parse_layers(args.layers)
