@@ -155,7 +155,7 @@ def test_cli_on_a_saved_hybrid_checkpoint(converted, tmp_path, capsys):
     assert "piqa" in printed and "hybrid - swa_only" in printed
     saved = json.loads((out / "diagnostics.json").read_text())
     assert saved["runs"] == ["hybrid", "swa_only"] and saved["tasks"]["piqa"]["hybrid"] is not None
-    with pytest.raises(SystemExit, match="MODEL: .* is not 'smollm2', an existing model directory or a .gguf file"):
+    with pytest.raises(SystemExit, match="MODEL: .* is not 'smollm2', 'gemma3-270m', an existing model directory or a .gguf file"):
         main([str(tmp_path / "missing")])
     with pytest.raises(SystemExit, match="--limit: expected an integer >= 1"):
         main(["smollm2", "--limit", "0"])

@@ -91,7 +91,7 @@ def test_truncate_layers_directly():
 
 def test_errors_name_the_argument(llama_dir, tmp_path):
     folder, _ = llama_dir
-    with pytest.raises(ValueError, match=r"^name: '.*/nope' is not 'smollm2', an existing model directory or a \.gguf file$"):
+    with pytest.raises(ValueError, match=r"^name: '.*/nope' is not 'smollm2', 'gemma3-270m', an existing model directory or a \.gguf file$"):
         load_model(str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"^name: directory .* has no config.json \(not a save_pretrained folder\)$"):
@@ -111,7 +111,7 @@ def test_errors_name_the_argument(llama_dir, tmp_path):
 
 def test_cli_wrapper_names_the_flag(llama_dir, tmp_path):
     folder, _ = llama_dir
-    with pytest.raises(SystemExit, match=r"^--model: .* is not 'smollm2', an existing model directory"):
+    with pytest.raises(SystemExit, match=r"^--model: .* is not 'smollm2', 'gemma3-270m', an existing model directory"):
         cli_load_model(str(tmp_path / "nope"))
     with pytest.raises(SystemExit, match=r"^MODEL: .* is not 'smollm2'"):
         cli_load_model(str(tmp_path / "nope"), flag="MODEL")

@@ -113,7 +113,7 @@ def test_convert_errors(assets, tmp_path, extra, message):
 
 
 def test_missing_model(tmp_path):
-    with pytest.raises(SystemExit, match="--model: .* is not 'smollm2', an existing model directory or a .gguf file"):
+    with pytest.raises(SystemExit, match="--model: .* is not 'smollm2', 'gemma3-270m', an existing model directory or a .gguf file"):
         main(["convert", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--tokens", "1k"])
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no config.json"):
