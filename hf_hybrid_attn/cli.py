@@ -15,6 +15,8 @@ import json
 import os
 import sys
 
+from .config import COMPONENT_MODES
+
 SUBCOMMAND_MODULES = {
     # name: (module, add-subparser function, run function)
     "convert": ("hf_hybrid_attn.training.cli", "add_convert_subparser", "run_convert"),
@@ -50,7 +52,8 @@ def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text in a component mode")
     _add_model_args(p)
     p.add_argument("--prompt", required=True)
-    p.add_argument("--mode", default="hybrid")
+    p.add_argument("--mode", default="hybrid", choices=COMPONENT_MODES)
+    p.add_argument("--device", default="auto", help="'auto' (CUDA if available, else CPU), 'cpu', 'cuda', 'cuda:1', ...")
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.set_defaults(func=lambda a: _generate(a))
 
@@ -66,10 +69,19 @@ def _generate(args) -> int:
 
     from .loading import cli_load_model
 
-    model, tok = cli_load_model(args.model, args.dtype)
+    import torch
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise SystemExit(f"--device: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device: {args.device!r} asked for CUDA, but no CUDA device is available")
+    model, tok = cli_load_model(args.model, args.dtype, device=device)
     if not hasattr(model.config, "hybrid"):
         raise SystemExit(f"--model: {args.model!r} is not a converted hybrid model (run hf-hybrid convert first)")
-    enc = tok(args.prompt, return_tensors="pt")
+    enc = tok(args.prompt, return_tensors="pt").to(device)
     with hha.component_mode(model, args.mode):
         out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=False)
     print(tok.decode(out[0, enc.input_ids.shape[1] :], skip_special_tokens=True))

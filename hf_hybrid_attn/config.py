@@ -60,7 +60,7 @@ class HybridConfig:
     """Kernel: auto (Triton on CUDA, chunked PyTorch otherwise), triton, torch, or reference (quadratic)."""
 
     chunk_size: int = 64
-    """Query/key block size of the chunked implementations."""
+    """Query/key block size of the chunked implementations: a power of two >= 16 (Triton's tiles)."""
 
     training: dict[str, Any] = field(default_factory=dict)
     """Free-form record of how the model was trained (recipe, hyperparameters, tokens). Saved as is."""
@@ -76,7 +76,10 @@ class HybridConfig:
         _int("window", self.window, 1)
         _int("feature_dim", self.feature_dim, 1)
         _int("num_sinks", self.num_sinks, 1)
-        _int("chunk_size", self.chunk_size, 1)
+        _int("chunk_size", self.chunk_size, 16)
+        if self.chunk_size & (self.chunk_size - 1):
+            # the Triton kernels need it; checked here so a checkpoint never fails late on a GPU
+            raise ValueError(f"HybridConfig.chunk_size must be a power of two >= 16, got {self.chunk_size!r}")
         if self.feature_map not in FEATURE_MAPS:
             raise ValueError(
                 f"HybridConfig.feature_map must be one of {sorted(FEATURE_MAPS)}, got {self.feature_map!r} "

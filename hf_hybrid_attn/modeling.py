@@ -385,11 +385,18 @@ def component_mode(model, mode: str, layers: int | Iterable[int] | None = None):
 
 
 def set_window(model, window: int, layers: int | Iterable[int] | None = None) -> None:
+    """Set the softmax window w (layers that were sliding in the teacher still cap it at theirs).
+    `layers=None` sets every converted layer and records w in the config, so `save_pretrained`
+    keeps it."""
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise ValueError(f"window must be an integer >= 1, got {window!r}")
     for _, attn in _select(model, layers):
         for mixer in _mixers(attn):
             mixer.window = window
+    if layers is None:
+        cfg = getattr(model, "config", None)
+        if cfg is not None and isinstance(getattr(cfg, "hybrid", None), dict):
+            cfg.hybrid["window"] = window
 
 
 @torch.no_grad()

@@ -18,6 +18,9 @@ from hf_hybrid_attn.config import FORMAT_VERSION
         (dict(layers=[0, -1]), "layers"),
         (dict(backend="cuda"), "backend"),
         (dict(affine_mix="yes"), "affine_mix"),
+        (dict(chunk_size=8), "chunk_size"),
+        (dict(chunk_size=48), "chunk_size must be a power of two >= 16"),
+        (dict(layers="local"), "layers"),
     ],
 )
 def test_invalid_fields_name_the_field(kwargs, name):
@@ -45,3 +48,11 @@ def test_layer_indices():
 
 def test_all_spec_feature_maps_registered():
     assert {"hedgehog", "hedgehog_exp", "softmax", "elu", "relu", "identity_elu"} <= set(FEATURE_MAPS)
+
+
+def test_parse_layers():
+    from hf_hybrid_attn.config import parse_layers
+
+    assert parse_layers("all") is None and parse_layers("global") == "global" and parse_layers("0, 3") == [0, 3]
+    with pytest.raises(ValueError, match="comma-separated layer indices"):
+        parse_layers("first")

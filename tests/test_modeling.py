@@ -232,3 +232,26 @@ def test_from_pretrained_on_a_base_checkpoint_initialises_missing_hybrid_weights
         torch.testing.assert_close(attn.hybrid.gamma(), torch.full((4,), 0.25))
         for fm in (attn.hybrid.feature_map_q, attn.hybrid.feature_map_k):
             torch.testing.assert_close(fm.weight, torch.eye(8, 8).expand(4, 8, 8))
+
+
+def test_set_window_is_recorded_and_saved(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = hha.convert(tiny_model(), window=4, feature_dim=8)
+    hha.set_window(model, 7)
+    assert model.config.hybrid["window"] == 7
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert [a.hybrid.window for _, a in hha.iter_hybrid_attention(again)] == [7, 7]
+    hha.set_window(again, 3, layers=[0])  # a per-layer change is a run-time setting only
+    assert again.config.hybrid["window"] == 7
+
+
+def test_generate_cli_device_and_mode_choices(tmp_path, capsys):
+    from hf_hybrid_attn.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", str(tmp_path), "--prompt", "x", "--mode", "linear"])
+    assert "invalid choice: 'linear'" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--device"):
+        main(["generate", "--model", str(tmp_path), "--prompt", "x", "--device", "tpu-9"])
