@@ -65,11 +65,11 @@ def _add_info(sub) -> None:
 
 
 def _generate(args) -> int:
+    import torch
+
     import hf_hybrid_attn as hha
 
     from .loading import cli_load_model
-
-    import torch
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
