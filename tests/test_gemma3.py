@@ -97,3 +97,16 @@ def test_layers_global_converts_the_three_global_layers(teacher):
     ids, mask, pos = batch(tok)
     seq = hybrid.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
     assert seq.shape[1] == ids.shape[1] + 8
+
+
+def test_demo_runs_on_gemma(tmp_path, capsys):
+    """`hf-hybrid demo --model gemma3-270m` (the README's main job on the second teacher), at a
+    minimal size: conversion of the global layers only, one task item, one perplexity block."""
+    from hf_hybrid_attn.cli import main
+
+    rc = main(["demo", "--model", "gemma3-270m", "--layers", "global", "--tasks", "arc_easy", "--limit", "1",
+               "--ppl-blocks", "1", "--probe-distances", "32", "--probe-items", "1", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "Gemma-3-270M (Q4_K_M, dequantized)" in out and "layers='global'" in out
+    assert (tmp_path / "demo.json").is_file()
