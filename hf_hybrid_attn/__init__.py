@@ -5,9 +5,9 @@ and the hybrid config/model classes of the supported families with the Auto clas
 """
 
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface
 
-from .attention import ATTN_IMPLEMENTATION, hybrid_attention_forward
+from .attention import ATTN_IMPLEMENTATION, hybrid_attention_forward, hybrid_mask
 from .cache import HybridCache, HybridCacheLayer
 from .config import COMPONENT_MODES, HybridConfig
 from .feature_maps import FEATURE_MAPS, register_feature_map
@@ -26,7 +26,7 @@ from .modeling import (
 __version__ = "0.1.0"
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, hybrid_attention_forward)
-AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, hybrid_mask)  # key padding only, never Tq x Tk
 register_families()
 
 __all__ = [

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
 
 from . import compat
 from .cache import HybridCacheLayer
@@ -69,6 +70,53 @@ def mask_to_key_valid(attention_mask: torch.Tensor | None, batch: int, q_len: in
     return key_valid
 
 
+def hybrid_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset: int = 0,
+                mask_function=None, attention_mask: torch.Tensor | None = None, **kwargs):
+    """transformers' mask interface for `hybrid_linear_swa`: only key padding, never Tq x Tk.
+
+    For the plain causal and sliding-window patterns it returns the 2-D key padding of this call's
+    key span, [B, kv_length] bool (True = a real token), or None without a padding mask; the
+    hybrid layer needs nothing else (its window and the teacher's are known per layer). Any other
+    pattern (packed sequences, custom masks) gets the exact 4-D mask of `sdpa_mask`, which the
+    attention function checks and refuses unless it is causal with padding."""
+    recognised, _ = compat.plain_mask_window(mask_function)
+    if not recognised:
+        return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                         kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask, **kwargs)
+    if attention_mask is None:
+        return None
+    padding = attention_mask.to(torch.bool)
+    end = kv_offset + kv_length
+    if padding.shape[-1] < end:  # as transformers' prepare_padding_mask: positions past the mask are padding
+        padding = torch.nn.functional.pad(padding, (0, end - padding.shape[-1]))
+    return padding[:, kv_offset:end].expand(batch_size, kv_length)
+
+
+def _key_valid_from_padding(padding: torch.Tensor, batch: int, kv_len: int) -> torch.Tensor:
+    """This layer's key validity from `hybrid_mask`'s key padding (built for the longest span of
+    this layer kind: every span ends at the current token, so ours is its tail)."""
+    if padding.shape[0] != batch or padding.shape[-1] < kv_len:
+        raise ValueError(
+            f"attention_mask: expected key padding of shape [{batch}, >= {kv_len}], got {tuple(padding.shape)}"
+        )
+    return padding[:, padding.shape[-1] - kv_len :].to(torch.bool)
+
+
+def _softmax_mask(padding: torch.Tensor, q_len: int, kv_len: int, sliding_window: int | None):
+    """The exact 4-D mask (causal, padding, the teacher's window) for a layer left unconverted, which
+    runs sdpa on `hybrid_mask`'s key padding: None where sdpa's own causal flag is exact."""
+    key_valid = _key_valid_from_padding(padding, padding.shape[0], kv_len)
+    if (bool(key_valid.all()) and (q_len == kv_len or q_len == 1)
+            and (sliding_window is None or kv_len <= sliding_window)):
+        return None
+    qpos = torch.arange(kv_len - q_len, kv_len, device=padding.device)[:, None]
+    kpos = torch.arange(kv_len, device=padding.device)[None, :]
+    allowed = kpos <= qpos
+    if sliding_window is not None:
+        allowed = allowed & (kpos > qpos - sliding_window)
+    return (allowed[None] & key_valid[:, None, :])[:, None]
+
+
 def _check_inputs(module, query, key, value) -> None:
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
         raise ValueError("hybrid_linear_swa: query/key/value must be 4-D [batch, heads, seq, head_dim]")
@@ -117,6 +165,8 @@ def hybrid_attention_forward(
         )
     hybrid = getattr(module, "hybrid", None)
     if hybrid is None:  # a layer left unconverted: exact softmax
+        if attention_mask is not None and attention_mask.dim() == 2:  # hybrid_mask's key padding
+            attention_mask = _softmax_mask(attention_mask, query.shape[2], key.shape[2], kwargs.get("sliding_window"))
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     _check_inputs(module, query, key, value)
     scaling = module.scaling if scaling is None else scaling
@@ -132,7 +182,10 @@ def hybrid_attention_forward(
             f"{teacher_window}, but transformers passed sliding_window={passed}; the config and the converted "
             "layers disagree (was config.sliding_window or layer_types edited after conversion?)"
         )
-    key_valid = mask_to_key_valid(attention_mask, B, Tq, Tk, query.device, teacher_window)
+    if attention_mask is not None and attention_mask.dim() == 2:  # hybrid_mask's key padding: O(B * Tk)
+        key_valid = _key_valid_from_padding(attention_mask, B, Tk)
+    else:  # None, or a 4-D mask (a user's, or a pattern hybrid_mask does not recognise): checked
+        key_valid = mask_to_key_valid(attention_mask, B, Tq, Tk, query.device, teacher_window)
 
     hook = _active_mixer_attr(hybrid, "transfer_hook")
     if hook is not None:

@@ -10,6 +10,9 @@ Known differences, oldest first:
     from the installed model class's own `forward` signature (`cache_arg_name`), so a model family
     migrated in a later release than another is handled too, and a further rename only needs its
     new spelling added to `CACHE_ARG_NAMES`.
+  - **Mask functions.** The hybrid's mask interface receives transformers' mask pattern as a
+    function; `plain_mask_window` recognises the plain causal and sliding-window patterns (the same
+    closures in every supported version) so that only key padding is passed on, never Tq x Tk.
   - **Paged attention / continuous batching.** Up to 5.23 the paged cache reaches the attention
     function as the `cache=` keyword; from 5.24 it is the attention module's `cache` argument and
     the attention function sees only the paged metadata (`block_table`, `cu_seq_lens_q`, ...).
@@ -107,6 +110,33 @@ def output_cache(outputs: Any) -> Any:
     if isinstance(outputs, Mapping):
         return find_cache(outputs)
     raise TypeError(f"outputs: expected a transformers ModelOutput, got {type(outputs).__name__}")
+
+
+def plain_mask_window(mask_function: Any) -> tuple[bool, int | None]:
+    """Recognise the two mask patterns transformers builds for ordinary causal LMs: plain causal
+    (`causal_mask_function`) -> (True, None), and the sliding-window layers' causal mask
+    (`sliding_window_causal_mask_function(W)` = and_masks(sliding_window_overlay(W), causal)) ->
+    (True, W). Anything else (packed sequences, custom and/or masks, block overlays, a pattern a later
+    release adds) -> (False, None): the caller must then build the exact 4-D mask. Same in 5.17-5.24."""
+    from transformers import masking_utils as mu
+
+    if mask_function is mu.causal_mask_function:
+        return True, None
+
+    def cells(fn) -> dict[str, Any]:
+        code, closure = getattr(fn, "__code__", None), getattr(fn, "__closure__", None)
+        if code is None or closure is None:
+            return {}
+        return {name: c.cell_contents for name, c in zip(code.co_freevars, closure)}
+
+    if getattr(mask_function, "__qualname__", "") == "and_masks.<locals>.and_mask":
+        fns = cells(mask_function).get("mask_functions")
+        if (isinstance(fns, tuple) and len(fns) == 2 and fns[1] is mu.causal_mask_function
+                and getattr(fns[0], "__qualname__", "") == "sliding_window_overlay.<locals>.inner_mask"):
+            window = cells(fns[0]).get("sliding_window")
+            if isinstance(window, int) and not isinstance(window, bool) and window >= 1:
+                return True, window
+    return False, None
 
 
 def is_paged_or_packed(cache: Any, attention_kwargs: Mapping[str, Any]) -> bool:

@@ -589,13 +589,13 @@ This folder carries its own copy of the hf_hybrid_attn modeling code (the hha_*.
 `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` works without the package.
 """
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface
 
-from .{prefix}attention import ATTN_IMPLEMENTATION, hybrid_attention_forward
+from .{prefix}attention import ATTN_IMPLEMENTATION, hybrid_attention_forward, hybrid_mask
 from .{prefix}modeling import _family_classes
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, hybrid_attention_forward)
-AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, hybrid_mask)
 {cfg}, {lm} = _family_classes("{base}")
 '''
 
