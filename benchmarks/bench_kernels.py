@@ -508,6 +508,36 @@ def compile_check(args, dtypes=("bf16", "fp32")):
     return rows
 
 
+def compiled_kernels_metadata():
+    """Registers, spill bytes and shared memory of every variant of our kernels that this process
+    compiled and loaded on the GPU (Triton's compile metadata: n_regs / n_spills come from the loaded
+    binary). {"<kernel>|<specialisation key>": row}; empty in the interpreter. Never raises."""
+    kernels = {"forward": _triton_hybrid._hybrid_fwd_kernel, "backward dq": _triton_hybrid._hybrid_bwd_dq_kernel,
+               "backward dkv": _triton_hybrid._hybrid_bwd_dkv_kernel, "decode": _triton_decode._hybrid_decode_kernel}
+    rows = {}
+    for name, kernel in kernels.items():
+        fn = getattr(kernel, "fn", kernel)  # an Autotuner wraps the JITFunction
+        try:
+            best = {str(k): str(v) for k, v in getattr(kernel, "cache", {}).items()}  # autotuner: key -> best config
+            for entry in list(getattr(fn, "device_caches", {}).values()):
+                cache = entry[0] if isinstance(entry, tuple) else entry
+                for key, compiled in list(cache.items()):
+                    try:
+                        compiled._init_handles()
+                    except Exception:  # noqa: BLE001 - already loaded, or no driver: read what is there
+                        pass
+                    md = compiled.metadata
+                    rows[f"{name}|{key}"[:400]] = dict(
+                        kernel=name, num_warps=getattr(md, "num_warps", None), num_stages=getattr(md, "num_stages", None),
+                        shared_bytes=getattr(md, "shared", None), registers=getattr(compiled, "n_regs", None),
+                        spill_bytes=getattr(compiled, "n_spills", None), key=str(key)[:300])
+            if best:
+                rows[f"{name}|autotuner best configs"] = {"kernel": name, "best_configs": best}
+        except Exception as e:  # noqa: BLE001 - Triton's internals move between versions
+            rows[f"{name}|error"] = {"kernel": name, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------
 # report
 # ---------------------------------------------------------------------------------------------
@@ -548,7 +578,7 @@ def write_report(results, args, out_dir: Path):
     jpath, mpath = out_dir / f"kernels_{slug}.json", out_dir / f"kernels_{slug}.md"
     if args.append and jpath.exists():
         old = json.loads(jpath.read_text())
-        for section in ("gate", "train", "decode"):
+        for section in ("gate", "train", "decode", "compiled_kernels"):
             old.setdefault(section, {}).update(results.get(section, {}))
         old["notes"] = sorted(set(old.get("notes", []) + results.get("notes", [])))
         old["meta"] = results["meta"]
@@ -615,6 +645,16 @@ def write_report(results, args, out_dir: Path):
             lines.append(f"| {rec['B']} | {rec['context']} | {cell(rec['ours_eager'])} | {cell(rec['ours_cuda_graph'])} | "
                          f"{cell(rec['sdpa_eager'])} | {cell(rec['sdpa_cuda_graph'])} | "
                          f"{rec['cache_bytes_per_layer'] / 2**20:.2f} / {rec['sdpa_kv_cache_bytes_per_layer'] / 2**20:.1f} |")
+    compiled = [r for r in results.get("compiled_kernels", {}).values() if "registers" in r]
+    if compiled:
+        lines += ["", "## Compiled kernels on this GPU (Triton metadata: registers, spills, shared memory)", "",
+                  "| kernel | warps | stages | registers | spill bytes | shared KiB | specialisation |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in compiled:
+            shared = r.get("shared_bytes")
+            lines.append(f"| {r['kernel']} | {r.get('num_warps')} | {r.get('num_stages')} | {r.get('registers')} | "
+                         f"{r.get('spill_bytes')} | {'' if shared is None else f'{shared / 1024:.0f}'} | "
+                         f"{r.get('key', '')[:120]} |")
     if results.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in results["notes"]]
     mpath.write_text("\n".join(lines) + "\n")
@@ -684,6 +724,8 @@ def main(argv=None):
         if not args.skip_decode:
             run_decode(args, device, dtype, results, results["notes"])
     finally:
+        if device.type == "cuda":
+            results["compiled_kernels"] = compiled_kernels_metadata()
         write_report(results, args, args.out)
 
 
