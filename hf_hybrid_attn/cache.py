@@ -157,9 +157,9 @@ class HybridCacheLayer(CacheLayerMixin):
                 self.state[0].view(B * H, F, D).baddbmm_(fk.transpose(-1, -2).reshape(B * H, F, fold),
                                                         vv.reshape(B * H, fold, D))
                 self.state[1].add_(fk.sum(2))
-        self.keys, self.values = k[:, :, fold:].detach(), v[:, :, fold:].detach()
-        self.phi_keys = phi_k[:, :, fold:].detach()
-        self.valid = key_valid[:, fold:]
+        self.keys, self.values = _own(k[:, :, fold:].detach()), _own(v[:, :, fold:].detach())
+        self.phi_keys = _own(phi_k[:, :, fold:].detach())
+        self.valid = _own(key_valid[:, fold:])
         self._advance_sinks(k, v, key_valid, Tk - new, offset, num_sinks)
         self._pending = 0
 
@@ -224,17 +224,31 @@ class HybridCache(Cache):
         super().__init__(layers=layers)
 
     def memory_bytes(self) -> int:
-        """Bytes held by the cache tensors: constant in the generated length for the hybrid layers;
-        unconverted layers (DynamicLayer) grow with it."""
-        total = 0
+        """Bytes of storage the cache keeps alive (whole storages, each counted once, so a view that
+        pins a larger buffer is counted in full): constant in the generated length for the hybrid
+        layers; unconverted layers grow with it (DynamicLayer) or up to their window."""
+        seen, total = set(), 0
         for layer in self.layers:
-            if not isinstance(layer, HybridCacheLayer):
-                total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if t is not None)
-                continue
-            for t in (layer.keys, layer.values, layer.phi_keys, layer.valid, *(layer.state or ()), *(layer.sinks or ())):
-                if t is not None:
-                    total += t.numel() * t.element_size()
+            if isinstance(layer, HybridCacheLayer):
+                tensors = (layer.keys, layer.values, layer.phi_keys, layer.valid, *(layer.state or ()), *(layer.sinks or ()))
+            else:
+                tensors = (getattr(layer, "keys", None), getattr(layer, "values", None))
+            for t in tensors:
+                if t is None:
+                    continue
+                storage = t.untyped_storage()
+                if storage.data_ptr() not in seen:
+                    seen.add(storage.data_ptr())
+                    total += storage.nbytes()
         return total
+
+
+def _own(x: torch.Tensor) -> torch.Tensor:
+    """`x` (a slice kept in the cache) without pinning a much larger buffer: after a prefill of T
+    tokens the kept w-1 would otherwise hold the whole prefill's k/v/phi_k alive."""
+    if x.untyped_storage().nbytes() > 2 * x.numel() * x.element_size():
+        return x.clone(memory_format=torch.contiguous_format)
+    return x
 
 
 def _route_masks(layers: list, hybrid_set: set[int], windows: list[int | None]) -> None:

@@ -223,3 +223,21 @@ def test_assisted_decoding_is_refused(model):
     cache = hha.HybridCache(model.config)
     with pytest.raises(NotImplementedError, match="cannot be cropped"):
         cache.layers[0].crop(1)
+
+
+def test_prefill_does_not_pin_its_keys_and_memory_is_reported_in_full():
+    """After a long prefill the cache keeps w-1 tokens, not views into the whole prefill's k/v/phi_k
+    (issue 11); memory_bytes counts the storage actually held."""
+    torch.manual_seed(0)
+    model = hha.convert(tiny_model(), window=5, feature_dim=8)
+    ids = torch.randint(3, 99, (2, 300))
+    with torch.no_grad():
+        cache = output_cache(model(input_ids=ids, use_cache=True))
+    for layer in cache.layers:
+        for t in (layer.keys, layer.values, layer.phi_keys, layer.valid):
+            assert t.shape[2 if t.dim() == 4 else 1] == 4
+            assert t.untyped_storage().nbytes() <= 2 * t.numel() * t.element_size()
+    small = cache.memory_bytes()
+    with torch.no_grad():
+        cache2 = output_cache(model(input_ids=ids[:, :20], use_cache=True))
+    assert cache2.memory_bytes() == small  # constant in the prefill length
