@@ -1,48 +1,53 @@
 """hf_hybrid_attn: hybrid linear attention + sliding-window softmax for transformers (arXiv 2510.05901).
 
 `import hf_hybrid_attn` registers `attn_implementation="hybrid_linear_swa"` (and its mask function)
-and the hybrid config/model classes of the supported families with the Auto classes.
+and the hybrid config/model classes of the supported families with the Auto classes, before any
+transformers code can use them: at once if transformers is already imported, otherwise the moment
+it is (`hf_hybrid_attn.registration`). The import itself loads neither torch nor transformers; the
+names below are imported from their modules on first use.
 """
 
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface
+from __future__ import annotations
 
-from .attention import ATTN_IMPLEMENTATION, hybrid_attention_forward, hybrid_mask
-from .cache import HybridCache, HybridCacheLayer
-from .config import COMPONENT_MODES, HybridConfig
-from .feature_maps import FEATURE_MAPS, register_feature_map
-from .layers import HybridMixer
-from .modeling import (
-    collect_linear_share,
-    component_mode,
-    convert,
-    get_component_modes,
-    iter_hybrid_attention,
-    register_families,
-    set_component_mode,
-    set_window,
-)
+import importlib
+
+from . import registration as _registration
 
 __version__ = "0.1.0"
 
-AttentionInterface.register(ATTN_IMPLEMENTATION, hybrid_attention_forward)
-AttentionMaskInterface.register(ATTN_IMPLEMENTATION, hybrid_mask)  # key padding only, never Tq x Tk
-register_families()
+#: public name -> the module (in this package) that defines it
+_EXPORTS = {
+    "ATTN_IMPLEMENTATION": "attention",
+    "HybridCache": "cache",
+    "HybridCacheLayer": "cache",
+    "COMPONENT_MODES": "config",
+    "HybridConfig": "config",
+    "FEATURE_MAPS": "feature_maps",
+    "register_feature_map": "feature_maps",
+    "HybridMixer": "layers",
+    "component_mode": "modeling",
+    "convert": "modeling",
+    "get_component_modes": "modeling",
+    "iter_hybrid_attention": "modeling",
+    "set_component_mode": "modeling",
+    "set_window": "modeling",
+    "collect_linear_share": "diagnostics",
+}
 
-__all__ = [
-    "ATTN_IMPLEMENTATION",
-    "COMPONENT_MODES",
-    "FEATURE_MAPS",
-    "HybridCache",
-    "HybridCacheLayer",
-    "HybridConfig",
-    "HybridMixer",
-    "collect_linear_share",
-    "component_mode",
-    "convert",
-    "get_component_modes",
-    "iter_hybrid_attention",
-    "register_feature_map",
-    "set_component_mode",
-    "set_window",
-]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+_registration.register_on_import()

@@ -20,7 +20,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, Dynam
 
 from .config import HybridConfig
 from .config import teacher_windows as _teacher_windows
-from .layers import first_valid
+from .layers import first_valid, sink_candidates
 
 
 class HybridCacheLayer(CacheLayerMixin):
@@ -152,7 +152,7 @@ class HybridCacheLayer(CacheLayerMixin):
             elif not (inplace and self.state[0].is_contiguous()
                       and (torch.is_inference_mode_enabled() or not self.state[0].is_inference())):
                 self.state = (self.state[0] + fk.transpose(-1, -2) @ vv, self.state[1] + fk.sum(2))
-            else:  # in place: the state is this cache's own tensor (a decode step allocates nothing)
+            else:  # in place: the state is this cache's own tensor (no new state tensor per step)
                 B, H, F, D = self.state[0].shape
                 self.state[0].view(B * H, F, D).baddbmm_(fk.transpose(-1, -2).reshape(B * H, F, fold),
                                                         vv.reshape(B * H, fold, D))
@@ -177,14 +177,7 @@ class HybridCacheLayer(CacheLayerMixin):
     def _advance_sinks(self, k, v, key_valid, n_old, offset, num_sinks):
         if self._sinks_full and self.sinks[3].shape[1] == num_sinks:  # every row's first num_sinks valid keys are known
             return
-        new_valid = key_valid[:, n_old:]
-        idx, idx_valid = first_valid(new_valid, num_sinks)
-        gather = idx[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1]) + n_old
-        sk, sv, spos = k.gather(2, gather), v.gather(2, gather), idx + offset + n_old
-        if self.sinks is not None:
-            ck, cv, cpos, cvalid = self.sinks
-            sk, sv = torch.cat([ck, sk], 2), torch.cat([cv, sv], 2)
-            spos, idx_valid = torch.cat([cpos, spos], 1), torch.cat([cvalid, idx_valid], 1)
+        sk, sv, spos, idx_valid = sink_candidates(k, v, key_valid, n_old, offset, num_sinks, self.sinks)
         keep, keep_valid = first_valid(idx_valid, num_sinks)
         g = keep[:, None, :, None].expand(-1, sk.shape[1], -1, sk.shape[-1])
         self.sinks = (sk.gather(2, g), sv.gather(2, g), spos.gather(1, keep), keep_valid)

@@ -17,11 +17,16 @@ import sys
 
 from .config import COMPONENT_MODES
 
+#: subcommands defined next to the code they run: name -> (module, add-subparser function, run
+#: function, one-line help). Only the module of the subcommand being run is imported, so
+#: `hf-hybrid info` (plain JSON) starts without torch or transformers.
 SUBCOMMAND_MODULES = {
-    # name: (module, add-subparser function, run function)
-    "convert": ("hf_hybrid_attn.training.cli", "add_convert_subparser", "run_convert"),
-    "diagnose": ("hf_hybrid_attn.diagnostics", "add_diagnose_subparser", "run_diagnose"),
-    "push": ("hf_hybrid_attn.hub", "add_push_subparser", "run_push"),
+    "convert": ("hf_hybrid_attn.training.cli", "add_convert_subparser", "run_convert",
+                "train a conversion with a recipe (lolcats, linear_only, hedgecats, ssd)"),
+    "diagnose": ("hf_hybrid_attn.diagnostics", "add_diagnose_subparser", "run_diagnose",
+                 "component diagnostics: task scores per mode, perplexity by position, LA share"),
+    "push": ("hf_hybrid_attn.hub.cli", "add_push_subparser", "run_push",
+             "push a converted model or adapter with its model card"),
 }
 
 
@@ -114,15 +119,23 @@ def _demo(args) -> int:
     return run_demo(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The `hf-hybrid` parser. Of the subcommands in SUBCOMMAND_MODULES only the one named in
+    `argv` (default: sys.argv[1:]) gets its real arguments (its module is imported); the others are
+    listed with their help line."""
     import importlib
 
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = next((a for a in argv if not a.startswith("-")), None)
     parser = argparse.ArgumentParser(prog="hf-hybrid", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_demo(sub)
     _add_generate(sub)
     _add_info(sub)
-    for name, (mod_name, add_fn, run_fn) in SUBCOMMAND_MODULES.items():
+    for name, (mod_name, add_fn, run_fn, help_line) in SUBCOMMAND_MODULES.items():
+        if name != chosen:
+            sub.add_parser(name, help=help_line)
+            continue
         mod = importlib.import_module(mod_name)
         before = set(sub.choices)
         getattr(mod, add_fn)(sub)
@@ -135,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     return int(args.func(args) or 0)
 
 

@@ -1,4 +1,8 @@
-"""`HybridConfig`: every knob of the hybrid layer, validated, in one dataclass (SPEC §2)."""
+"""`HybridConfig`: every knob of the hybrid layer, validated, in one dataclass (SPEC §2).
+
+Plain Python at import (no torch): the CLI and config readers import it cheaply. The registries it
+validates against (feature maps, kernel backends) are imported when a config is validated.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .feature_maps import FEATURE_MAPS
-
 COMPONENT_MODES = ("hybrid", "swa_only", "linear_only", "sinks_only", "none")
 #: Named layer selections accepted by `HybridConfig.layers`.
 LAYER_SELECTORS = ("global",)
-BACKENDS = ("auto", "triton", "torch", "reference")
 #: Version of the checkpoint format written into config.json (`hybrid["format_version"]`).
 FORMAT_VERSION = 1
 
@@ -80,6 +81,9 @@ class HybridConfig:
         if self.chunk_size & (self.chunk_size - 1):
             # the Triton kernels need it; checked here so a checkpoint never fails late on a GPU
             raise ValueError(f"HybridConfig.chunk_size must be a power of two >= 16, got {self.chunk_size!r}")
+        from .feature_maps import FEATURE_MAPS
+        from .kernels.dispatch import BACKENDS
+
         if self.feature_map not in FEATURE_MAPS:
             raise ValueError(
                 f"HybridConfig.feature_map must be one of {sorted(FEATURE_MAPS)}, got {self.feature_map!r} "

@@ -14,13 +14,8 @@ import torch.nn as nn
 
 from .config import COMPONENT_MODES, HybridConfig
 from .feature_maps import build_feature_map
-from .kernels import hybrid_attention, sinks_attention, validate_inputs
+from .kernels import expand_kv_heads, hybrid_attention, sinks_attention, validate_inputs
 from .kernels.dispatch import resolve_backend
-
-
-def _expand_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    groups = num_heads // x.shape[1]
-    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
 def first_valid(valid: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,6 +27,22 @@ def first_valid(valid: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Te
     key = (~valid).long() * T + order  # valid positions first, in order
     idx = key.argsort(dim=1)[:, :count]
     return idx, valid.gather(1, idx)
+
+
+def sink_candidates(k, v, key_valid, n_old: int, offset: int, num_sinks: int, cached=None):
+    """Sink candidates for the `sinks_only` mode: the first `num_sinks` valid keys among the new
+    tokens k[:, :, n_old:] (absolute positions from `offset`, the position of k's first token),
+    after the `cached` ones (k, v, positions [B,S], valid [B,S]) when a cache holds earlier sinks.
+    Returns (k, v, positions, valid), cached entries first, each group in order: the sinks are the
+    first `num_sinks` valid entries."""
+    idx, idx_valid = first_valid(key_valid[:, n_old:], num_sinks)
+    gather = idx[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1]) + n_old
+    sk, sv, spos = k.gather(2, gather), v.gather(2, gather), idx + offset + n_old
+    if cached is not None:
+        ck, cv, cpos, cvalid = cached
+        sk, sv = torch.cat([ck, sk], 2), torch.cat([cv, sv], 2)
+        spos, idx_valid = torch.cat([cpos, spos], 1), torch.cat([cvalid, idx_valid], 1)
+    return sk, sv, spos, idx_valid
 
 
 class HybridMixer(nn.Module):
@@ -107,8 +118,8 @@ class HybridMixer(nn.Module):
         reuse = cache_layer is not None and not torch.is_grad_enabled()
         buffered = cache_layer.buffered_phi_k(n_old) if reuse else None
         if buffered is None:
-            return self.feature_map_q(q), self.feature_map_k(_expand_heads(k, self.num_heads))
-        phi_new = self.feature_map_k(_expand_heads(k[:, :, n_old:], self.num_heads))
+            return self.feature_map_q(q), self.feature_map_k(expand_kv_heads(k, self.num_heads))
+        phi_new = self.feature_map_k(expand_kv_heads(k[:, :, n_old:], self.num_heads))
         return self.feature_map_q(q), torch.cat([buffered.to(phi_new.dtype), phi_new], 2)
 
     # -- computation ----------------------------------------------------------------------------
@@ -258,16 +269,8 @@ class HybridMixer(nn.Module):
         Tq, Tk = q.shape[2], k.shape[2]
         offset = cache_layer.seen_tokens_before(Tq) if cache_layer is not None else 0
         n_old = Tk - Tq  # window-buffer tokens, already considered for sinks in earlier steps
-        new_valid = key_valid[:, n_old:]
-        idx, idx_valid = first_valid(new_valid, self.num_sinks)
-        gather = idx[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1]) + n_old
-        sk, sv = k.gather(2, gather), v.gather(2, gather)
-        spos = idx + offset + n_old
-        if cache_layer is not None and cache_layer.sinks is not None:
-            ck, cv, cpos, cvalid = cache_layer.sinks
-            rank_new = cvalid.sum(1, keepdim=True) + torch.arange(idx.shape[1], device=q.device)[None]
-            idx_valid = idx_valid & (rank_new < self.num_sinks)
-            sk, sv = torch.cat([ck, sk], 2), torch.cat([cv, sv], 2)
-            spos, idx_valid = torch.cat([cpos, spos], 1), torch.cat([cvalid, idx_valid], 1)
+        cached = cache_layer.sinks if cache_layer is not None else None
+        sk, sv, spos, svalid = sink_candidates(k, v, key_valid, n_old, offset, self.num_sinks, cached)
+        svalid = svalid & (svalid.long().cumsum(1) <= self.num_sinks)  # only the first num_sinks valid ones
         qpos = torch.arange(offset + Tk - Tq, offset + Tk, device=q.device)
-        return sinks_attention(q, sk, sv, spos, qpos, scale=scaling, sink_valid=idx_valid)
+        return sinks_attention(q, sk, sv, spos, qpos, scale=scaling, sink_valid=svalid)

@@ -17,7 +17,6 @@ import logging
 import os
 from collections.abc import Iterable, Iterator
 
-import torch
 import torch.nn as nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
@@ -330,7 +329,10 @@ def iter_hybrid_attention(model: nn.Module) -> Iterator[tuple[int, nn.Module]]:
             yield module.layer_idx, module
 
 
-def _mixers(attn: nn.Module) -> Iterable[HybridMixer]:
+def mixers_of(attn: nn.Module) -> list[HybridMixer]:
+    """The `HybridMixer`(s) of a converted attention module: one, or one per copy where PEFT's
+    `modules_to_save=["hybrid"]` wraps it (run-time state must be set on every copy; the first is
+    the active one)."""
     return [m for m in attn.hybrid.modules() if isinstance(m, HybridMixer)]
 
 
@@ -349,7 +351,7 @@ def _select(model, layers) -> list[tuple[int, nn.Module]]:
 
 
 def get_component_modes(model) -> dict[int, str]:
-    return {i: _mixers(a)[0].mode for i, a in iter_hybrid_attention(model)}
+    return {i: mixers_of(a)[0].mode for i, a in iter_hybrid_attention(model)}
 
 
 def set_component_mode(model, mode: str, layers: int | Iterable[int] | None = None) -> None:
@@ -359,7 +361,7 @@ def set_component_mode(model, mode: str, layers: int | Iterable[int] | None = No
     if mode not in COMPONENT_MODES:
         raise ValueError(f"mode must be one of {COMPONENT_MODES}, got {mode!r}")
     for _, attn in _select(model, layers):
-        for mixer in _mixers(attn):
+        for mixer in mixers_of(attn):
             mixer.mode = mode
     if layers is None:
         cfg = getattr(model, "config", None)
@@ -378,7 +380,7 @@ def component_mode(model, mode: str, layers: int | Iterable[int] | None = None):
         yield model
     finally:
         for i, attn in iter_hybrid_attention(model):
-            for mixer in _mixers(attn):
+            for mixer in mixers_of(attn):
                 mixer.mode = before[i]
         if cfg_mode is not None:
             cfg.hybrid["component_mode"] = cfg_mode
@@ -391,49 +393,9 @@ def set_window(model, window: int, layers: int | Iterable[int] | None = None) ->
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise ValueError(f"window must be an integer >= 1, got {window!r}")
     for _, attn in _select(model, layers):
-        for mixer in _mixers(attn):
+        for mixer in mixers_of(attn):
             mixer.window = window
     if layers is None:
         cfg = getattr(model, "config", None)
         if cfg is not None and isinstance(getattr(cfg, "hybrid", None), dict):
             cfg.hybrid["window"] = window
-
-
-@torch.no_grad()
-def collect_linear_share(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """LA share of the normaliser (SPEC §4): per converted layer and head, the mean over valid query
-    positions >= w of alpha phi_q.z / D_i, in the current mode. Returns [num_converted_layers, H]."""
-    stats: dict[int, torch.Tensor] = {}
-    hooks = []
-
-    def make_hook(idx):
-        def hook(module, q, k, v, key_valid, scaling):
-            y, lin_den, den = module.hybrid(q, k, v, key_valid, scaling, return_stats=True)
-            window = _mixers(module)[0].window
-            share = torch.where(den > 0, lin_den / den.clamp_min(1e-30), torch.zeros_like(den)).float()
-            Tk, Tq = k.shape[2], q.shape[2]
-            pos_in_row = key_valid.long().cumsum(1) - 1  # position of each token among valid ones
-            qmask = key_valid[:, Tk - Tq :] & (pos_in_row[:, Tk - Tq :] >= window)
-            m = qmask[:, None, :].float()
-            stats[idx] = ((share * m).sum((0, 2)) / m.sum((0, 2)).clamp_min(1)).cpu()
-            stats[f"n{idx}"] = m.sum((0, 2)).cpu()
-            return y.transpose(1, 2)
-
-        return hook
-
-    pairs = list(iter_hybrid_attention(model))
-    for idx, attn in pairs:
-        for mixer in _mixers(attn):
-            hooks.append((mixer, mixer.transfer_hook))
-            mixer.transfer_hook = make_hook(idx)
-    try:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    finally:
-        for mixer, old in hooks:
-            mixer.transfer_hook = old
-    if any(float(stats[f"n{i}"].sum()) == 0 for i, _ in pairs):
-        raise ValueError(
-            f"input_ids: no query position beyond the window (w={_mixers(pairs[0][1])[0].window}); "
-            "the LA share needs sequences longer than the window"
-        )
-    return torch.stack([stats[i] for i, _ in pairs])

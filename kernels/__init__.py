@@ -11,6 +11,7 @@ from .chunked import hybrid_attention_chunked
 from .dispatch import BACKENDS, hybrid_attention, set_input_checks, triton_available, validate_inputs
 from .reference import (
     KERNEL_MODES,
+    expand_kv_heads,
     hybrid_attention_reference,
     linear_state,
     sinks_attention,
@@ -19,6 +20,7 @@ from .reference import (
 __all__ = [
     "BACKENDS",
     "KERNEL_MODES",
+    "expand_kv_heads",
     "hybrid_attention",
     "hybrid_attention_chunked",
     "hybrid_attention_reference",

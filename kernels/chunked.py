@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .reference import KERNEL_MODES, _expand_kv
+from .reference import KERNEL_MODES, expand_kv_heads
 
 
 def _window_branch(q, k, v, key_valid, window, scale, chunk):
@@ -77,7 +77,7 @@ def _linear_branch(phi_q, phi_k, v, key_valid, shift, chunk, initial_state):
     """Inclusive causal linear attention of phi_q against keys delayed by `shift`.
     Returns numerator [B,H,T,D] and denominator [B,H,T] (without alpha)."""
     B, H, T, Fd = phi_q.shape
-    vv = _expand_kv(v, H)
+    vv = expand_kv_heads(v, H)
     D = vv.shape[-1]
     fk = phi_k * key_valid[:, None, :, None].to(phi_k.dtype)
     num, den = _state_readout(phi_q, initial_state, D)
@@ -138,7 +138,7 @@ def _few_queries(q, k, v, phi_q, phi_k, key_valid, window, scale, mode, shift, i
             diff = qpos[:, None] - torch.arange(end, device=q.device)[None, :]
             mask = (diff >= shift)[None, None] & key_valid[:, None, None, :end]  # [B,1,Tq,end]
             a = (phi_q @ phi_k[:, :, :end].transpose(-1, -2)).masked_fill(~mask, 0.0)  # [B,H,Tq,end]
-            num = num + a @ _expand_kv(v[:, :, :end], H)
+            num = num + a @ expand_kv_heads(v[:, :, :end], H)
             den = den + a.sum(-1)
         lin = (num, den)
     return win, lin

@@ -49,7 +49,8 @@ _CHECK_FINITE = True
 
 def set_input_checks(enabled: bool) -> None:
     """Turn the NaN/Inf check of q, k, v (one reduction and a host sync per call) on or off.
-    On by default; benchmarks turn it off. Shape, dtype and device checks always run."""
+    On by default (bad input gets a clear error, not a silent NaN output); switch it off where the
+    sync matters more than the check. Shape, dtype and device checks always run."""
     global _CHECK_FINITE
     _CHECK_FINITE = bool(enabled)
 

@@ -31,7 +31,8 @@ import torch
 KERNEL_MODES = ("hybrid", "swa_only", "linear_only")
 
 
-def _expand_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+def expand_kv_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[B, Hkv, T, D] -> [B, num_heads, T, D]: each KV head repeated for its group of query heads (GQA)."""
     groups = num_heads // x.shape[1]
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
@@ -57,8 +58,8 @@ def hybrid_attention_reference(
     normaliser and the whole normaliser, both [B, H, Tq])."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
-    k = _expand_kv(k, H)
-    v = _expand_kv(v, H)
+    k = expand_kv_heads(k, H)
+    v = expand_kv_heads(v, H)
     dev = q.device
     qpos = torch.arange(Tk - Tq, Tk, device=dev)
     kpos = torch.arange(Tk, device=dev)
@@ -129,8 +130,8 @@ def sinks_attention(
     q [B,H,Tq,D]; sink_k/v [B,Hkv,S,D] (already gathered); sink_pos [B,S] their absolute positions;
     query_pos [Tq] or [B,Tq] absolute query positions; sink_valid [B,S]. O(T * num_sinks)."""
     H = q.shape[1]
-    sk = _expand_kv(sink_k, H)
-    sv = _expand_kv(sink_v, H)
+    sk = expand_kv_heads(sink_k, H)
+    sv = expand_kv_heads(sink_v, H)
     s = scale * (q @ sk.transpose(-1, -2))  # [B,H,Tq,S]
     if query_pos.dim() == 1:
         query_pos = query_pos[None].expand(q.shape[0], -1)
@@ -161,7 +162,7 @@ def linear_state(
     B, H, Tk, F = phi_k.shape
     end = max(0, min(end, Tk))
     fk = phi_k[:, :, :end].float()
-    vv = _expand_kv(v, H)[:, :, :end].float()
+    vv = expand_kv_heads(v, H)[:, :, :end].float()
     if key_valid is not None:
         fk = fk * key_valid[:, None, :end, None].to(fk.dtype)
     S = fk.transpose(-1, -2) @ vv

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from hf_hybrid_attn.assets import AssetMissingError, teacher_gguf_path
 
@@ -43,10 +44,37 @@ def test_bench_generate_smoke(tmp_path, bench):
         assert short["hybrid"]["cache_bytes"] == long["hybrid"]["cache_bytes"]
         assert long["teacher"]["cache_bytes"] > short["teacher"]["cache_bytes"]
         for p in (short, long):
-            for name in ("hybrid", "teacher"):  # decode_s is generate(N+1) - generate(1), not clamped
-                assert p[name]["decode_s"] > 0 and "error" not in p[name]
-                assert p[name]["decode_tokens_per_s"] == pytest.approx(p["batch"] * 12 / p[name]["decode_s"], rel=0.01)
+            for name in ("hybrid", "teacher"):  # prefill and decode both timed inside one generate() call
+                assert p[name]["decode_s"] > 0 and p[name]["prefill_s"] > 0 and "error" not in p[name]
     assert by[(2, 80)]["hybrid"]["cache_bytes"] == 2 * by[(1, 80)]["hybrid"]["cache_bytes"]
+
+
+def test_timed_generate_splits_prefill_and_decode_inside_one_call(bench, monkeypatch):
+    """The step clock: prefill = start -> first forward's logits, decode = first -> last logits
+    (new_tokens - 1 steps), read off a fake clock that advances by known amounts."""
+    now = [100.0]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
+    seen = {}
+
+    class FakeModel:
+        def generate(self, ids, max_new_tokens, logits_processor, **kwargs):
+            seen.update(kwargs, max_new_tokens=max_new_tokens)
+            now[0] += 5.0  # the prefill forward
+            for step in range(max_new_tokens):
+                now[0] += 0.25 if step else 0.0  # each decode forward
+                logits_processor[0](ids, None)
+            return "out"
+
+    prefill_s, decode_s, out = bench.timed_generate(FakeModel(), torch.ones(1, 3, dtype=torch.long), 9)
+    assert (prefill_s, decode_s, out) == (5.0, 2.0, "out")
+    assert seen["max_new_tokens"] == seen["min_new_tokens"] == 9 and seen["do_sample"] is False
+
+    class ShortModel(FakeModel):  # stops early (EOS): the clock must notice, not report a shorter decode
+        def generate(self, ids, max_new_tokens, logits_processor, **kwargs):
+            return super().generate(ids, max_new_tokens - 1, logits_processor, **kwargs)
+
+    with pytest.raises(RuntimeError, match="expected 9 generate steps"):
+        bench.timed_generate(ShortModel(), torch.ones(1, 3, dtype=torch.long), 9)
 
 
 def test_bench_generate_times_nothing_when_the_gate_fails(tmp_path, monkeypatch, bench):

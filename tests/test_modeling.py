@@ -66,18 +66,63 @@ def test_window_covering_sequence_equals_teacher(family, side):
         torch.testing.assert_close(out[keep], ref[keep], atol=1e-5, rtol=1e-4)
 
 
-def test_modes_change_the_computation():
+def _reference_attention_hook(mode):
+    """A transfer hook computing the converted layer's attention from the readable definitions in
+    float64: kernels/reference.py for hybrid / swa_only / linear_only, and, written out here, softmax
+    over the first num_sinks keys j <= i for sinks_only (no padding in these inputs)."""
+    from hf_hybrid_attn.kernels import expand_kv_heads, hybrid_attention_reference
+    from hf_hybrid_attn.modeling import mixers_of
+
+    def hook(module, q, k, v, key_valid, scaling):
+        mixer = mixers_of(module)[0]
+        q, k, v = q.double(), k.double(), v.double()
+        H = q.shape[1]
+        if mode == "sinks_only":
+            kk, vv = expand_kv_heads(k, H), expand_kv_heads(v, H)
+            T = q.shape[2]
+            s = scaling * q @ kk.transpose(-1, -2)
+            i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+            s = s.masked_fill(~((j <= i) & (j < mixer.num_sinks)), float("-inf"))
+            y = torch.softmax(s, -1) @ vv
+        else:
+            phi_q = mixer.feature_map_q(q)
+            phi_k = mixer.feature_map_k(expand_kv_heads(k, H))
+            y = hybrid_attention_reference(q, k, v, phi_q, phi_k, mixer.gamma().double(), mixer.alpha().double(),
+                                           window=mixer.window, scale=scaling, mode=mode, key_valid=key_valid)
+        return y.transpose(1, 2)
+
+    return hook
+
+
+def test_each_mode_equals_its_float64_reference():
+    from hf_hybrid_attn.modeling import mixers_of
+
     model = hha.convert(tiny_model(), window=4, feature_dim=8)
     randomize_mixers(model)
+    model = model.double()
     ids = torch.randint(3, 99, (2, 30))
     outs = {}
     for mode in hha.COMPONENT_MODES:
         with hha.component_mode(model, mode), torch.no_grad():
             outs[mode] = model(ids).logits
-    for a in outs:
+        if mode == "none":
+            continue
+        mixers = [m for _, attn in hha.iter_hybrid_attention(model) for m in mixers_of(attn)]
+        for m in mixers:
+            m.transfer_hook = _reference_attention_hook(mode)
+        try:
+            with torch.no_grad():
+                expected = model(ids).logits
+        finally:
+            for m in mixers:
+                m.transfer_hook = None
+        torch.testing.assert_close(outs[mode], expected, atol=1e-9, rtol=1e-9, msg=lambda e, mode=mode: f"{mode}: {e}")
+    for a in outs:  # and the modes really compute different functions on these inputs
         for b in outs:
             if a < b:
                 assert (outs[a] - outs[b]).abs().max() > 1e-4, (a, b)
+    model = model.float()
+    outs["none"] = outs["none"].float()
     # `none`: the attention output is zero, i.e. the model without attention
     base = tiny_model()
     base.load_state_dict({k: v for k, v in model.state_dict().items() if ".hybrid." not in k})

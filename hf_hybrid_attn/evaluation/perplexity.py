@@ -8,7 +8,7 @@ the linear branch. `inside` / `beyond` are the perplexities over those two group
 
 Blocks are cut from whole documents (never across a document boundary). For a named offline
 corpus only the documents that the training pipeline holds out for validation are used
-(`training.data.split_documents` with the same `val_fraction` and `seed`; by default those of
+(`documents.split_documents` with the same `val_fraction` and `seed`; by default those of
 `hf-hybrid convert`), latest first, so a model converted on that corpus is never scored on text it
 was trained on.
 """
@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..assets import bos_id_if_needed, tokenize_for_lm
-from ..training.data import DEFAULT_SEED, DEFAULT_VAL_FRACTION, load_documents, split_documents
+from ..documents import DEFAULT_SEED, DEFAULT_VAL_FRACTION, load_documents, split_documents
 
 DEFAULT_HELD_OUT = (DEFAULT_VAL_FRACTION, DEFAULT_SEED)  # (val_fraction, seed) of `hf-hybrid convert`
 

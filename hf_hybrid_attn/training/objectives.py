@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ..kernels import expand_kv_heads
+
 #: Objectives selectable in stage 1 (weights are given per name).
 OBJECTIVES = ("output_mse_hybrid", "output_mse_linear", "attn_ce")
 
@@ -32,11 +34,6 @@ def output_mse(y_student: torch.Tensor, y_teacher: torch.Tensor, valid: torch.Te
         raise ValueError(f"valid: expected a bool tensor of shape [{B}, {T}], got {tuple(valid.shape)}")
     m = valid[:, None, :, None].to(diff.dtype)
     return (diff * m).sum() / (m.sum() * H * D).clamp_min(1.0)
-
-
-def _expand_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    groups = num_heads // x.shape[1]
-    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
 def _chunk_ce_sum(q_c, k_pre, phi_q_c, phi_k_pre, log_den_c, allowed_keys, query_weight_c, row0, scale, eps):
@@ -95,7 +92,7 @@ def attn_ce_loss(
 
     work = torch.promote_types(q.dtype, torch.float32)  # at least fp32 for logs and prefix sums
     q, phi_q, phi_k = q.to(work), phi_q.to(work), phi_k.to(work)
-    k = _expand_heads(k.to(work), H)
+    k = expand_kv_heads(k.to(work), H)
     vk = key_valid[:, None, :, None].to(work)
     z = torch.cumsum(phi_k * vk, dim=2)  # [B,H,T,F]: sum of phi_k over the valid causal prefix
     log_den = torch.log((phi_q * z).sum(-1).clamp_min(eps))  # [B,H,T]

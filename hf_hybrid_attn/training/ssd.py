@@ -25,7 +25,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..layers import HybridMixer
-from ..modeling import iter_hybrid_attention
+from ..modeling import iter_hybrid_attention, mixers_of
 
 GRANULARITIES = ("layer", "model", "sample")
 #: The paper's drop schedule: 0.9 for the first third of training, then 0.75, then 0.5.
@@ -139,11 +139,6 @@ def drop_rows(seed: int, step: int, layer: int, micro: int, batch_size: int, p: 
     return torch.rand(batch_size, generator=decision_generator(seed, step, layer, micro)) < p
 
 
-def _mixers(attn) -> list[HybridMixer]:
-    # PEFT's modules_to_save wraps `hybrid` and keeps copies: set the state on every copy.
-    return [m for m in attn.hybrid.modules() if isinstance(m, HybridMixer)]
-
-
 def _batch_size(args, kwargs) -> int:
     for name in ("input_ids", "inputs_embeds"):
         t = kwargs.get(name)
@@ -209,7 +204,7 @@ class SSDCallback(TrainerCallback):
         self._attach(model)
 
     def _attach(self, model) -> None:
-        self._layers = [(i, _mixers(a)) for i, a in iter_hybrid_attention(model)]
+        self._layers = [(i, mixers_of(a)) for i, a in iter_hybrid_attention(model)]
         if not self._layers:
             raise ValueError("SSDCallback: the model has no converted (hybrid) attention layers")
         self._base = {i: (ms[0].mode, ms[0].window) for i, ms in self._layers}
