@@ -2,7 +2,7 @@
 
 huggingface_hub reads HF_ENDPOINT at import, so the client side (push, from_pretrained,
 PeftModel.from_pretrained, ModelCard) runs in a fresh process:
-`python -m hf_hybrid_attn.testing.hub_roundtrip`, once per library stack. It measures; the tests
+`python tests/hub_roundtrip.py`, once per library stack. It measures; the tests
 below assert. Stacks: this venv (huggingface_hub 2.x); huggingface_hub 1.33 with the venv's
 transformers (scripts/hub_compat.sh); transformers 5.17 + huggingface_hub 1.33, the GPU machine's
 stack (scripts/install_compat.sh). A stack is skipped only if its pip install fails.
@@ -21,8 +21,8 @@ import torch
 
 import hf_hybrid_attn as hha
 from hf_hybrid_attn import hub
-from hf_hybrid_attn.testing.hub_roundtrip import ADAPTER_REPO, REPO
 from hf_hybrid_attn.testing.hub_server import DEFAULT_TOKEN, LoopbackHub
+from hub_roundtrip import ADAPTER_REPO, REPO
 
 ROOT = Path(__file__).resolve().parents[1]
 #: stack name -> (install script printing a PYTHONPATH dir or None, expected hub major, expected transformers)
@@ -54,7 +54,7 @@ def roundtrip(request, tmp_path_factory):
         for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT_OVERRIDE"):
             env.pop(key, None)
         out = tmp / "results.json"
-        proc = subprocess.run([sys.executable, "-m", "hf_hybrid_attn.testing.hub_roundtrip", str(out)],
+        proc = subprocess.run([sys.executable, str(ROOT / "tests" / "hub_roundtrip.py"), str(out)],
                               env=env, capture_output=True, text=True, timeout=900, cwd=str(tmp))
         assert proc.returncode == 0, proc.stderr[-4000:]
         results = json.loads(out.read_text())
@@ -165,7 +165,7 @@ def test_cli_push(roundtrip):
 
 # ---- in-process checks (no HTTP) ---------------------------------------------------------------
 def _tiny(seed=0):
-    from hf_hybrid_attn.testing.hub_roundtrip import tiny_hybrid
+    from hub_roundtrip import tiny_hybrid
 
     return tiny_hybrid(seed, trained=False)
 
@@ -266,7 +266,7 @@ def test_export_remote_code_loads_without_the_package(tmp_path):
 
     from transformers import AutoModelForCausalLM
 
-    from hf_hybrid_attn.testing.hub_roundtrip import _ids, tiny_hybrid
+    from hub_roundtrip import _ids, tiny_hybrid
 
     model = tiny_hybrid(seed=0)
     ids = _ids()

@@ -2,7 +2,7 @@
 `LoopbackHub` (huggingface_hub reads HF_ENDPOINT at import, so this cannot run in the test process).
 
     HF_ENDPOINT=http://127.0.0.1:PORT HF_TOKEN=... HF_HUB_CACHE=... HF_HOME=... \\
-        python -m hf_hybrid_attn.testing.hub_roundtrip OUT.json [scenario ...]
+        python tests/hub_roundtrip.py OUT.json [scenario ...]
 
 Each scenario measures (it does not assert) and the results go to OUT.json, for the test to check:
 logit differences, repo file lists, card metadata, error messages, warnings, and the server's state
