@@ -21,7 +21,7 @@ import torch
 
 import hf_hybrid_attn as hha
 from hf_hybrid_attn import hub
-from hf_hybrid_attn.testing.hub_server import DEFAULT_TOKEN, LoopbackHub
+from hf_hybrid_attn.testing import DEFAULT_TOKEN, LoopbackHub
 from hub_roundtrip import ADAPTER_REPO, REPO
 
 ROOT = Path(__file__).resolve().parents[1]

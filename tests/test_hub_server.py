@@ -18,7 +18,8 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from hf_hybrid_attn.testing.hub_server import DEFAULT_TOKEN, LoopbackHub, git_blob_sha, validate_card_metadata
+import hf_hybrid_attn.testing
+from hf_hybrid_attn.testing import DEFAULT_TOKEN, LoopbackHub, git_blob_sha, validate_card_metadata
 
 REPO = "tester/demo"
 
@@ -252,3 +253,14 @@ def test_unknown_endpoint_is_recorded(tmp_path):
         status, _, body = http(server, "GET", "/api/spaces/x/y")
         assert status == 404 and b"unknown endpoint" in body
         assert server.unknown_requests == [("GET", "/api/spaces/x/y")]
+
+
+def test_public_api():
+    """What users may rely on (documented in LoopbackHub's docstring): keep it small and stable."""
+    assert sorted(hf_hybrid_attn.testing.__all__) == [
+        "DEFAULT_TOKEN", "DEFAULT_USER", "LoopbackHub", "git_blob_sha", "validate_card_metadata"]
+    public = {n for n in dir(LoopbackHub) if not n.startswith("_")}
+    assert public == {"commit_count", "endpoint", "fail_next_commit", "files", "head", "requests_matching",
+                      "start", "state", "stop"}
+    with LoopbackHub() as hub:
+        assert {n for n in vars(hub) if not n.startswith("_")} == {"root", "tokens", "request_log", "unknown_requests"}

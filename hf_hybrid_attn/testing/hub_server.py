@@ -14,6 +14,9 @@ commit body): no LFS or Xet.
 
 Writes need `Authorization: Bearer <token>` with a known token (401 otherwise). Requests the server
 does not know are answered 404 and recorded in `unknown_requests`, which tests assert is empty.
+
+The supported API is `__all__` (also importable from `hf_hybrid_attn.testing`) and the LoopbackHub
+members its docstring lists; everything else here is internal and may change.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
 
+__all__ = ["DEFAULT_TOKEN", "DEFAULT_USER", "LoopbackHub", "git_blob_sha", "validate_card_metadata"]
+
+#: the write token the server knows by default, and the user (namespace) it belongs to
 DEFAULT_TOKEN = "hf_loopback_write_token"
 DEFAULT_USER = "tester"
 FAULT_MODES = ("disconnect", "error")
@@ -132,14 +138,51 @@ class Repo:
 
 
 class LoopbackHub:
-    """Start with `with LoopbackHub() as hub:` (or start()/stop()); `hub.endpoint` is the HF_ENDPOINT."""
+    """A Hub-compatible HTTP server on 127.0.0.1 for push/pull tests without the network.
+
+        import os, subprocess, sys
+        from hf_hybrid_attn.testing import DEFAULT_TOKEN, LoopbackHub
+
+        def test_push_and_pull(tmp_path):
+            with LoopbackHub(root=str(tmp_path / "hub")) as hub:
+                env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": DEFAULT_TOKEN,
+                       "HF_HUB_CACHE": str(tmp_path / "cache"), "HF_HUB_DISABLE_TELEMETRY": "1"}
+                env.pop("HF_HUB_OFFLINE", None)
+                # huggingface_hub reads HF_ENDPOINT when it is imported: run the client in a fresh process
+                subprocess.run([sys.executable, "push_and_pull.py", "tester/my-model"], env=env, check=True)
+                assert "model.safetensors" in hub.files("tester/my-model")
+                assert hub.unknown_requests == []  # every request was one the server knows
+
+    In the test process itself, pass the endpoint explicitly: `HfApi(endpoint=hub.endpoint,
+    token=DEFAULT_TOKEN)`, `hf_hub_download(..., endpoint=hub.endpoint)`. Model repos only; a repo
+    created without an organization goes to the token's user (`DEFAULT_USER`, "tester").
+    Under HF_HUB_OFFLINE=1 huggingface_hub refuses every request: drop it from the client's
+    environment (as above) or, in-process, set `huggingface_hub.constants.HF_HUB_OFFLINE = False`.
+    HF_HUB_DISABLE_TELEMETRY=1 keeps huggingface_hub 2.x from fetching its agent registry
+    (GET /api/agent-harnesses) from the endpoint; this server does not serve it, so the request
+    would show in unknown_requests.
+
+    Supported API:
+      LoopbackHub(root=None, tokens=None)  root: storage folder (a temporary one, removed on stop(),
+                              when None; an existing root is loaded, so a hub can be restarted);
+                              tokens: {token: user} that may write (default {DEFAULT_TOKEN: DEFAULT_USER})
+      start() / stop(), or `with LoopbackHub(...) as hub:`
+      endpoint                the base URL, for HF_ENDPOINT or `endpoint=`
+      head(repo_id, branch="main") -> commit sha;  files(repo_id, revision="main") -> {path: bytes}
+      commit_count(repo_id)   commits in the repo, the initial .gitattributes commit included
+      fail_next_commit(mode)  the next commit fails: "disconnect" or "error" (nothing is moved)
+      state()                 JSON view: repos (commits, branches, private), requests, unknown requests
+      requests_matching(method, pattern) -> paths;  request_log, unknown_requests (lists of tuples)
+    Clients in another process reach the same controls over HTTP: GET /_loopback/state (= state())
+    and POST /_loopback/fault {"mode": ...} (= fail_next_commit).
+    """
 
     def __init__(self, root: str | None = None, tokens: dict[str, str] | None = None):
         self._own_root = root is None
         self.root = root or tempfile.mkdtemp(prefix="loopback-hub-")
         self.tokens = dict(tokens) if tokens is not None else {DEFAULT_TOKEN: DEFAULT_USER}
-        self.repos: dict[str, Repo] = {}
-        self.lock = threading.RLock()
+        self._repos: dict[str, Repo] = {}
+        self._lock = threading.RLock()
         self.request_log: list[tuple[str, str, int]] = []
         self.unknown_requests: list[tuple[str, str]] = []
         self._fault: str | None = None
@@ -187,24 +230,24 @@ class LoopbackHub:
 
     def commit_count(self, repo_id: str) -> int:
         """Number of commits in the repo (the initial .gitattributes commit included)."""
-        with self.lock:
-            return len(self.repos[repo_id].commits) if repo_id in self.repos else 0
+        with self._lock:
+            return len(self._repos[repo_id].commits) if repo_id in self._repos else 0
 
     def head(self, repo_id: str, branch: str = "main") -> str:
-        with self.lock:
-            return self.repos[repo_id].branches[branch]
+        with self._lock:
+            return self._repos[repo_id].branches[branch]
 
     def files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
-        with self.lock:
+        with self._lock:
             repo = self._repo(repo_id, token_user=DEFAULT_USER)
             tree = repo.commits[self._resolve(repo, revision)]["tree"]
             return {p: self._read_blob(oid) for p, (oid, _) in tree.items()}
 
     def state(self) -> dict[str, Any]:
         """JSON view for tests: repos (commit count, branches), the request log, unknown requests."""
-        with self.lock:
+        with self._lock:
             repos = {rid: {"commits": len(r.commits), "branches": dict(r.branches), "private": r.private}
-                     for rid, r in self.repos.items()}
+                     for rid, r in self._repos.items()}
         return {"repos": repos, "requests": [list(r) for r in self.request_log],
                 "unknown_requests": [list(r) for r in self.unknown_requests]}
 
@@ -250,7 +293,7 @@ class LoopbackHub:
                 path = self._repo_file(f"{ns}/{name}")
                 if os.path.exists(path):
                     with open(path) as f:
-                        self.repos[f"{ns}/{name}"] = Repo(**json.load(f))
+                        self._repos[f"{ns}/{name}"] = Repo(**json.load(f))
 
     def _new_commit(self, repo: Repo, parent: str | None, tree: dict, title: str, message: str, user: str) -> str:
         body = json.dumps([parent, sorted(tree.items()), title, message, len(repo.commits), time.time()])
@@ -261,7 +304,7 @@ class LoopbackHub:
 
     # ---- lookups -----------------------------------------------------------------------------
     def _repo(self, repo_id: str, token_user: str | None) -> Repo:
-        repo = self.repos.get(repo_id)
+        repo = self._repos.get(repo_id)
         if repo is None or (repo.private and token_user is None):
             raise HubError(404, f"Repository {repo_id} not found", "RepoNotFound")
         return repo
@@ -412,8 +455,8 @@ class _Handler(BaseHTTPRequestHandler):
         if not isinstance(name, str) or not _REPO_ID.match(repo_id):
             raise HubError(400, f"Invalid repo name {repo_id!r}")
         hub = self.hub
-        with hub.lock:
-            if repo_id in hub.repos:
+        with hub._lock:
+            if repo_id in hub._repos:
                 # The Hub answers 409 with the url; huggingface_hub reads it (exist_ok=True).
                 raise HubError(409, "You already created this model repo", extra={"url": f"{hub.endpoint}/{repo_id}"})
             # hub 1.x sends "private": bool, hub 2.x "visibility": "private" | "public"
@@ -424,7 +467,7 @@ class _Handler(BaseHTTPRequestHandler):
             tree = {".gitattributes": [hub._write_blob(attributes), len(attributes)]}
             sha = hub._new_commit(repo, None, tree, "initial commit", "", user)
             repo.branches["main"] = sha
-            hub.repos[repo_id] = repo
+            hub._repos[repo_id] = repo
             hub._persist(repo)
         self._send(200, {"url": f"{hub.endpoint}/{repo_id}", "name": repo_id, "id": repo_id})
 
@@ -437,7 +480,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _model_info(self, repo_id: str, revision: str, query: dict[str, str]) -> bool:
         hub = self.hub
-        with hub.lock:
+        with hub._lock:
             repo = hub._repo(repo_id, self._user())
             sha = hub._resolve(repo, revision)
             commit = repo.commits[sha]
@@ -464,7 +507,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _preupload(self, repo_id: str, revision: str, payload: dict) -> None:
         self._writer()
         hub = self.hub
-        with hub.lock:
+        with hub._lock:
             repo = hub._repo(repo_id, DEFAULT_USER)
             tree = repo.commits[hub._resolve(repo, revision)]["tree"]
         files = payload.get("files")
@@ -483,7 +526,7 @@ class _Handler(BaseHTTPRequestHandler):
         fault, hub._fault = hub._fault, None
         if query.get("create_pr") in ("1", "true"):
             raise HubError(400, "loopback hub: pull requests (create_pr) are not supported")
-        with hub.lock:
+        with hub._lock:
             repo = hub._repo(repo_id, user)
             if revision not in repo.branches:
                 code = "RevisionNotFound"
@@ -498,7 +541,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if fault == "error":
             raise HubError(500, "loopback hub: injected failure after the upload, before the commit")
-        with hub.lock:
+        with hub._lock:
             head = repo.branches[revision]
             parent_commit = header.get("parentCommit")
             if parent_commit and parent_commit != head:
@@ -520,7 +563,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _tree(self, repo_id: str, revision: str, path: str, query: dict[str, str]) -> None:
         hub = self.hub
-        with hub.lock:
+        with hub._lock:
             repo = hub._repo(repo_id, self._user())
             sha = hub._resolve(repo, revision)
             tree = repo.commits[sha]["tree"]
@@ -548,7 +591,7 @@ class _Handler(BaseHTTPRequestHandler):
         form = json.loads(body) if "json" in ctype else parse_qs(body.decode())
         paths = form.get("paths", [])
         paths = [paths] if isinstance(paths, str) else paths
-        with hub.lock:
+        with hub._lock:
             repo = hub._repo(repo_id, self._user())
             tree = repo.commits[hub._resolve(repo, revision)]["tree"]
         out = []
@@ -561,14 +604,14 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, out)
 
     def _refs(self, repo_id: str) -> None:
-        with self.hub.lock:
+        with self.hub._lock:
             repo = self.hub._repo(repo_id, self._user())
             branches = [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": s} for b, s in repo.branches.items()]
         self._send(200, {"branches": branches, "converts": [], "tags": []})
 
     def _commits(self, repo_id: str, revision: str) -> None:
         hub = self.hub
-        with hub.lock:
+        with hub._lock:
             repo = hub._repo(repo_id, self._user())
             sha, out = hub._resolve(repo, revision), []
             while sha is not None:
@@ -582,7 +625,7 @@ class _Handler(BaseHTTPRequestHandler):
         user = self._writer()
         payload = json.loads(body) if body else {}
         hub = self.hub
-        with hub.lock:
+        with hub._lock:
             repo = hub._repo(repo_id, user)
             if branch in repo.branches:
                 raise HubError(409, f"Reference refs/heads/{branch} already exists")
@@ -595,7 +638,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _delete_branch(self, repo_id: str, branch: str) -> None:
         user = self._writer()
-        with self.hub.lock:
+        with self.hub._lock:
             repo = self.hub._repo(repo_id, user)
             if branch == "main" or branch not in repo.branches:
                 raise HubError(400 if branch == "main" else 404, f"Cannot delete branch {branch!r}")
@@ -605,7 +648,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _resolve_file(self, repo_id: str, revision: str, path: str) -> None:
         hub = self.hub
-        with hub.lock:
+        with hub._lock:
             repo = hub._repo(repo_id, self._user())
             sha = hub._resolve(repo, revision)
             entry = repo.commits[sha]["tree"].get(path)
