@@ -15,6 +15,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from ..config import COMPONENT_MODES
 from ..families import TEACHER_BASE_MODEL, TEACHER_DESCRIPTION
 
 TAG = "hybrid-linear-swa"
@@ -181,8 +182,6 @@ def diagnostics_tables(diag: Mapping[str, Any] | None) -> list[dict[str, Any]]:
     per-layer LA share list becomes a one-row table."""
     if not diag:
         return []
-    from ..config import COMPONENT_MODES  # lazily: config is the lead's module, kept out of card's imports
-
     tables = []
 
     def by_mode(title: str, rows: Mapping[str, Any]) -> None:
