@@ -12,8 +12,7 @@ from __future__ import annotations
 import importlib
 
 from . import registration as _registration
-
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: F401  (public)
 
 #: public name -> the module (in this package) that defines it
 _EXPORTS = {

@@ -132,8 +132,9 @@ class HybridCacheLayer(CacheLayerMixin):
     def advance(self, k, v, phi_k, key_valid, window: int, num_sinks: int, inplace: bool = True) -> None:
         """Fold all but the last w-1 of (buffer + new tokens) into the state; keep the rest.
 
-        inplace: add into the existing state tensors (no allocation per step); the layer passes
-        False when autograd may have saved the state for a backward through this step."""
+        inplace: add into the existing state tensors (no new state tensor per step); the layer
+        passes False when autograd may have saved the state for a backward through this step. The
+        fold itself is `fold_into_state`: chunked, fp32, KV heads never expanded."""
         if not self._pending:
             raise RuntimeError("HybridCacheLayer.advance() called without a preceding update()")
         new = self._pending
@@ -142,21 +143,16 @@ class HybridCacheLayer(CacheLayerMixin):
         keep = min(window - 1, Tk)
         fold = Tk - keep
         if fold > 0:
-            fk = phi_k[:, :, :fold].float() * key_valid[:, None, :fold, None].float()
-            vv = v[:, :, :fold].float()
-            groups = fk.shape[1] // vv.shape[1]
-            if groups > 1:
-                vv = vv.repeat_interleave(groups, dim=1)
+            in_place = (self.state is not None and inplace and self.state[0].is_contiguous()
+                        and (torch.is_inference_mode_enabled() or not self.state[0].is_inference()))
             if self.state is None:
-                self.state = (fk.transpose(-1, -2) @ vv, fk.sum(2))
-            elif not (inplace and self.state[0].is_contiguous()
-                      and (torch.is_inference_mode_enabled() or not self.state[0].is_inference())):
-                self.state = (self.state[0] + fk.transpose(-1, -2) @ vv, self.state[1] + fk.sum(2))
-            else:  # in place: the state is this cache's own tensor (no new state tensor per step)
-                B, H, F, D = self.state[0].shape
-                self.state[0].view(B * H, F, D).baddbmm_(fk.transpose(-1, -2).reshape(B * H, F, fold),
-                                                        vv.reshape(B * H, fold, D))
-                self.state[1].add_(fk.sum(2))
+                B, H, F = phi_k.shape[0], phi_k.shape[1], phi_k.shape[-1]
+                self.state = (phi_k.new_zeros(B, H, F, v.shape[-1], dtype=torch.float32),
+                              phi_k.new_zeros(B, H, F, dtype=torch.float32))
+                in_place = True  # a new tensor of this cache's own
+            elif not in_place:  # autograd may hold the old state: fold into a copy
+                self.state = tuple(t.clone() for t in self.state)
+            fold_into_state(self.state, phi_k[:, :, :fold], v[:, :, :fold], key_valid[:, :fold])
         self.keys, self.values = _own(k[:, :, fold:].detach()), _own(v[:, :, fold:].detach())
         self.phi_keys = _own(phi_k[:, :, fold:].detach())
         self.valid = _own(key_valid[:, fold:])
@@ -234,6 +230,31 @@ class HybridCache(Cache):
                     seen.add(storage.data_ptr())
                     total += storage.nbytes()
         return total
+
+
+#: tokens per step of the state fold: bounds the fp32 temporaries of a long prefill's fold
+FOLD_CHUNK = 1024
+
+
+def fold_into_state(state: tuple[torch.Tensor, torch.Tensor], phi_k: torch.Tensor, v: torch.Tensor,
+                    valid: torch.Tensor, chunk: int = FOLD_CHUNK) -> None:
+    """In place: S += sum_j phi_k_j v_j^T and z += sum_j phi_k_j over the valid tokens j, in fp32.
+
+    state: S [B, H, F, D], z [B, H, F] (fp32, contiguous); phi_k [B, H, T, F] per query head; v
+    [B, Hkv, T, D] with H = G * Hkv (GQA). The G query heads of a KV group are the rows of one
+    matmul against that group's values, so V is never expanded to H heads, and the fold walks T
+    in chunks of `chunk` tokens, so the fp32 temporaries are O(chunk), not O(T)."""
+    S, z = state
+    B, H, F, D = S.shape
+    Hkv, T = v.shape[1], v.shape[2]
+    G = H // Hkv
+    S_groups = S.view(B * Hkv, G * F, D)
+    for s in range(0, T, chunk):
+        e = min(T, s + chunk)
+        fk = phi_k[:, :, s:e].float() * valid[:, None, s:e, None].float()  # [B, H, c, F]
+        z.add_(fk.sum(2))
+        fkT = fk.view(B, Hkv, G, e - s, F).permute(0, 1, 2, 4, 3).reshape(B * Hkv, G * F, e - s)
+        S_groups.baddbmm_(fkT, v[:, :, s:e].float().reshape(B * Hkv, e - s, D))
 
 
 def _own(x: torch.Tensor) -> torch.Tensor:

@@ -241,3 +241,66 @@ def test_prefill_does_not_pin_its_keys_and_memory_is_reported_in_full():
     with torch.no_grad():
         cache2 = output_cache(model(input_ids=ids[:, :20], use_cache=True))
     assert cache2.memory_bytes() == small  # constant in the prefill length
+
+
+class _LargestOutput:
+    """Records the largest tensor (in elements) that any op produces while active."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        outer = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in out if isinstance(out, (tuple, list)) else (out,):
+                    if isinstance(t, torch.Tensor):
+                        outer.largest = max(outer.largest, t.numel())
+                return out
+
+        self.largest, self.mode = 0, Mode()
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+def test_state_fold_is_exact_chunked_and_never_expands_kv_heads():
+    """Issue 11 item 2: the prefill fold walks T in chunks (fp32 temporaries O(chunk), not O(T))
+    and multiplies each KV group's values once for its query heads (V never expanded to H heads);
+    the result equals the float64 sum over the valid tokens, for the bare fold and through
+    HybridCacheLayer.advance after a long prefill."""
+    from hf_hybrid_attn.cache import HybridCacheLayer, fold_into_state
+
+    B, H, Hkv, T, F, D, w, chunk = 2, 6, 2, 1000, 8, 5, 64, 64
+    g = torch.Generator().manual_seed(0)
+    phi_k = torch.rand(B, H, T, F, generator=g)
+    k, v = torch.randn(B, Hkv, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g)
+    valid = torch.rand(B, T, generator=g) > 0.2
+
+    def reference(n):
+        fk = phi_k[:, :, :n].double() * valid[:, None, :n, None]
+        return fk.transpose(-1, -2) @ v[:, :, :n].double().repeat_interleave(H // Hkv, 1), fk.sum(2)
+
+    bound = max(B * H * F * D, B * H * chunk * F)  # the state itself, or one chunk of phi_k
+    state = (torch.zeros(B, H, F, D), torch.zeros(B, H, F))
+    with _LargestOutput() as seen:
+        fold_into_state(state, phi_k, v, valid, chunk=chunk)
+    S_ref, z_ref = reference(T)
+    torch.testing.assert_close(state[0].double(), S_ref, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(state[1].double(), z_ref, atol=1e-4, rtol=1e-5)
+    assert seen.largest <= bound, (seen.largest, bound)
+
+    layer = HybridCacheLayer()
+    layer.update(k, v)
+    with torch.inference_mode(), _LargestOutput() as seen:
+        layer.advance(k, v, phi_k, valid, window=w, num_sinks=4)
+    S_ref, z_ref = reference(T - (w - 1))
+    torch.testing.assert_close(layer.state[0].double(), S_ref, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(layer.state[1].double(), z_ref, atol=1e-4, rtol=1e-5)
+    assert seen.largest <= max(bound, B * H * 1024 * F, B * T), seen.largest  # FOLD_CHUNK = 1024 here
+    assert layer.keys.shape[2] == w - 1 and torch.equal(layer.keys, k[:, :, T - (w - 1):])

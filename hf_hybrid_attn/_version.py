@@ -1,0 +1,3 @@
+"""The package version (a leaf module: recorded in training logs and checkpoints)."""
+
+__version__ = "0.1.0"
