@@ -1,16 +1,22 @@
 """`HybridCache`: constant-memory generation cache (SPEC §2, "Cache").
 
-Per layer it keeps
-  - the last w-1 raw keys/values (and their validity) for the softmax window, and their phi_k
-    (so a decode step computes the feature map of the new token only),
-  - the fp32 recurrent state S = sum phi_k v^T and z = sum phi_k over every older token,
+Per converted layer it keeps, in place, preallocated once (`kernels.decode.DecodeCache`'s layout):
+  - a ring of the last w-1 raw keys/values and their validity (position p in slot p % (w-1)):
+    the softmax window of the next query, minus itself;
+  - the fp32 recurrent state S = sum phi_k v^T and z = sum phi_k over every older valid token;
   - the first `num_sinks` valid keys/values, for the `sinks_only` diagnostic mode.
+phi_k is not stored: a decode step maps the new key and the one key leaving the window (the ring
+of phi_k would be (H / Hkv) * (F' / D) times the k ring: 6x for SmolLM2 at the defaults).
 
-`update()` returns (window buffer + new tokens); the hybrid layer attends over them with the state
-as prefix, then calls `advance()`, which folds every token that left the window into (S, z) and
-keeps the last w-1. The next query's window is exactly the w-1 kept tokens plus itself, and its
-linear part is exactly the state: the same W(i) / L(i) as the uncached forward. Memory per
-sequence does not grow with the generated length.
+`update()` returns only the new tokens. A one-token step (decode) then runs
+`kernels.decode` / `kernels.triton_decode` on the ring directly: attend (ring + new key, state),
+fold the key leaving the window into (S, z), write the new key into its slot; nothing is
+allocated for the ring or the state, nothing shifts. Longer calls (a prefill, a second prompt
+chunk) and calls with autograd take the general path: the window tokens are read out oldest first
+(`window_tokens`), prepended to the new ones, attended with the state as prefix, and `advance()`
+folds every token that left the window and lays the last w-1 into the ring. Either way the next
+query's window is exactly the w-1 kept tokens plus itself and its linear part exactly the state:
+the same W(i) / L(i) as the uncached forward. Memory per sequence does not grow with the length.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, Dynam
 
 from .config import HybridConfig
 from .config import teacher_windows as _teacher_windows
+from .kernels.decode import DecodeCache, fold_into_state
 from .layers import first_valid, sink_candidates
 
 
@@ -29,12 +36,13 @@ class HybridCacheLayer(CacheLayerMixin):
 
     def __init__(self, **kwargs):
         super().__init__()
-        self.keys: torch.Tensor | None = None  # [B, Hkv, n<=w-1, D]
+        self.keys: torch.Tensor | None = None  # ring [B, Hkv, w-1, D] (slot p % (w-1) holds position p)
         self.values: torch.Tensor | None = None
-        self.valid: torch.Tensor | None = None  # [B, n]
-        self.phi_keys: torch.Tensor | None = None  # phi_k of the window buffer [B, H, n, F'] (not recomputed)
+        self.valid: torch.Tensor | None = None  # [B, w-1] bool
         self.state: tuple[torch.Tensor, torch.Tensor] | None = None  # S [B,H,F,D], z [B,H,F] fp32
         self.sinks: tuple[torch.Tensor, ...] | None = None  # k, v, positions [B,S], valid [B,S]
+        self.position = 0  # tokens the ring and state account for (Python int: no host sync)
+        self._position_t: torch.Tensor | None = None  # the same on the device, for the kernels
         self.cumulative_length = 0
         self._pending = 0  # tokens returned by update() and not yet advanced
         self._sinks_full = False
@@ -45,6 +53,8 @@ class HybridCacheLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Records the new tokens and returns them as they are: the hybrid layer reads the window
+        from the ring itself (`window_tokens`, or the decode kernels in place)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self._pending:
@@ -54,13 +64,11 @@ class HybridCacheLayer(CacheLayerMixin):
             )
         self._pending = key_states.shape[2]
         self.cumulative_length += key_states.shape[2]
-        if self.keys is None:
-            return key_states, value_states
-        return torch.cat([self.keys, key_states], 2), torch.cat([self.values, value_states], 2)
+        return key_states, value_states
 
     def get_mask_sizes(self, query_length: int, *args, **kwargs) -> tuple[int, int]:
-        stored = 0 if self.keys is None else self.keys.shape[2]
-        return stored + query_length, self.cumulative_length - stored
+        # the mask covers the new tokens only: their key padding; the ring keeps its own validity
+        return query_length, self.cumulative_length
 
     def get_seq_length(self, *args, **kwargs) -> int:
         return self.cumulative_length
@@ -69,33 +77,24 @@ class HybridCacheLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.keys = self.values = self.valid = self.phi_keys = None
-        self.state = self.sinks = None
-        self.cumulative_length = 0
+        self.keys = self.values = self.valid = None
+        self.state = self.sinks = self._position_t = None
+        self.position = self.cumulative_length = 0
         self._pending = 0
         self._sinks_full = False
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        def sel(x):
-            return None if x is None else x.index_select(0, beam_idx.to(x.device))
-
-        self.keys, self.values, self.valid = sel(self.keys), sel(self.values), sel(self.valid)
-        self.phi_keys = sel(self.phi_keys)
+    def _map(self, fn) -> None:
+        self.keys, self.values, self.valid = (None if x is None else fn(x) for x in (self.keys, self.values, self.valid))
         if self.state is not None:
-            self.state = tuple(sel(s) for s in self.state)
+            self.state = tuple(fn(s).contiguous() for s in self.state)
         if self.sinks is not None:
-            self.sinks = tuple(sel(s) for s in self.sinks)
+            self.sinks = tuple(fn(s) for s in self.sinks)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map(lambda x: x.index_select(0, beam_idx.to(x.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        def rep(x):
-            return None if x is None else x.repeat_interleave(repeats, dim=0)
-
-        self.keys, self.values, self.valid = rep(self.keys), rep(self.values), rep(self.valid)
-        self.phi_keys = rep(self.phi_keys)
-        if self.state is not None:
-            self.state = tuple(rep(s) for s in self.state)
-        if self.sinks is not None:
-            self.sinks = tuple(rep(s) for s in self.sinks)
+        self._map(lambda x: x.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self.reorder_cache(indices)
@@ -116,58 +115,89 @@ class HybridCacheLayer(CacheLayerMixin):
     def linear_state(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         return self.state
 
-    def buffered_phi_k(self, n_old: int) -> torch.Tensor | None:
-        """phi_k of the `n_old` window-buffer tokens that the last update() put before the new ones,
-        as stored by the previous step (None if there is no such buffer)."""
-        if n_old == 0 or self.phi_keys is None or self.phi_keys.shape[2] != n_old:
+    @property
+    def ring_window(self) -> int | None:
+        """The window w the ring was laid out for (w-1 slots), None before the first call."""
+        return None if self.keys is None else self.keys.shape[2] + 1
+
+    def window_tokens(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(k, v, valid) of the kept window tokens, oldest first (copies), or None if there are none."""
+        if self.keys is None or self.position == 0 or self.keys.shape[2] == 0:
             return None
-        return self.phi_keys
+        return self.decode_cache().chronological(self.position)
 
     def seen_tokens_before(self, query_length: int) -> int:
-        """Absolute position of the first token returned by the last update()."""
-        stored = 0 if self.keys is None else self.keys.shape[2]
-        return self.cumulative_length - query_length - stored
+        """Absolute position of the first of the `query_length` tokens the last update() recorded."""
+        return self.cumulative_length - query_length
 
-    @torch.no_grad()
-    def advance(self, k, v, phi_k, key_valid, window: int, num_sinks: int, inplace: bool = True) -> None:
-        """Fold all but the last w-1 of (buffer + new tokens) into the state; keep the rest.
+    def decode_cache(self) -> DecodeCache:
+        """The ring and state as the decode kernels take them (the same tensors: updated in place)."""
+        if self._position_t is None or self._position_t.device != self.keys.device:
+            self._position_t = torch.tensor([self.position], dtype=torch.int64, device=self.keys.device)
+        return DecodeCache(k_win=self.keys, v_win=self.values, valid=self.valid, S=self.state[0], z=self.state[1],
+                           position=self._position_t)
 
-        inplace: add into the existing state tensors (no new state tensor per step); the layer
-        passes False when autograd may have saved the state for a backward through this step. The
-        fold itself is `fold_into_state`: chunked, fp32, KV heads never expanded."""
-        if not self._pending:
-            raise RuntimeError("HybridCacheLayer.advance() called without a preceding update()")
-        new = self._pending
-        offset = self.seen_tokens_before(new)
-        Tk = k.shape[2]
-        keep = min(window - 1, Tk)
-        fold = Tk - keep
-        if fold > 0:
-            in_place = (self.state is not None and inplace and self.state[0].is_contiguous()
-                        and (torch.is_inference_mode_enabled() or not self.state[0].is_inference()))
-            if self.state is None:
-                B, H, F = phi_k.shape[0], phi_k.shape[1], phi_k.shape[-1]
-                self.state = (phi_k.new_zeros(B, H, F, v.shape[-1], dtype=torch.float32),
-                              phi_k.new_zeros(B, H, F, dtype=torch.float32))
-                in_place = True  # a new tensor of this cache's own
-            elif not in_place:  # autograd may hold the old state: fold into a copy
-                self.state = tuple(t.clone() for t in self.state)
-            fold_into_state(self.state, phi_k[:, :, :fold], v[:, :, :fold], key_valid[:, :fold])
-        self.keys, self.values = _own(k[:, :, fold:].detach()), _own(v[:, :, fold:].detach())
-        self.phi_keys = _own(phi_k[:, :, fold:].detach())
-        self.valid = _own(key_valid[:, fold:])
-        self._advance_sinks(k, v, key_valid, Tk - new, offset, num_sinks)
+    def ensure_ring(self, batch: int, heads: int, kv_heads: int, head_dim: int, value_dim: int, feature_dim: int,
+                    window: int, dtype: torch.dtype, device) -> bool:
+        """Allocate an empty ring and state before the first call if needed; True when the ring
+        and state are laid out for exactly these sizes (the decode kernels can run on them)."""
+        if self.keys is None and self.state is None and self.position == 0:
+            c = DecodeCache.empty(batch, heads, kv_heads, head_dim, feature_dim, window, dtype=dtype, device=device,
+                                  value_dim=value_dim)
+            self.keys, self.values, self.valid, self.state = c.k_win, c.v_win, c.valid, (c.S, c.z)
+            self._position_t = c.position
+        elif self.keys is not None and self.keys.is_inference() and not torch.is_inference_mode_enabled():
+            # written under torch.inference_mode() (e.g. the prefill), used outside it: inference
+            # tensors cannot be updated in place there, so the cache takes normal copies once
+            self._map(torch.clone)
+            self._position_t = None
+        return (self.keys is not None and self.state is not None and self.keys.shape[2] == window - 1
+                and tuple(self.state[0].shape) == (batch, heads, feature_dim, value_dim)
+                and self.keys.dtype == dtype and self.keys.device == torch.device(device)
+                and self.keys.shape[0] == batch)
+
+    def after_decode(self, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor, num_sinks: int) -> None:
+        """After a decode kernel advanced the ring and state in place: the bookkeeping."""
+        if self._pending != 1:
+            raise RuntimeError("HybridCacheLayer.after_decode() expects exactly one pending token from update()")
+        self.position += 1
+        self._advance_sinks(k, v, key_valid, 0, self.cumulative_length - 1, num_sinks)
         self._pending = 0
 
     @torch.no_grad()
-    def commit_decode(self, keys, values, phi_keys, valid, state, k, v, key_valid, num_sinks: int) -> None:
-        """After a fused decode step (the kernel folded the token leaving the window into `state` and
-        the new token joined the window): store the new window buffer and state, as `advance` would."""
-        if self._pending != 1:
-            raise RuntimeError("HybridCacheLayer.commit_decode() expects exactly one pending token from update()")
-        offset = self.seen_tokens_before(1)
-        self.keys, self.values, self.phi_keys, self.valid, self.state = keys, values, phi_keys, valid, state
-        self._advance_sinks(k, v, key_valid, k.shape[2] - 1, offset, num_sinks)
+    def advance(self, k, v, phi_k, key_valid, window: int, num_sinks: int, inplace: bool = True) -> None:
+        """The general path, after attending (window tokens + new tokens) = k, v, phi_k, key_valid:
+        fold all but the last w-1 into the state, lay the last w-1 into the ring.
+
+        inplace: add into the existing state tensors (no new state tensor); the layer passes False
+        when autograd may have saved the state for a backward through this step. The fold is
+        `fold_into_state`: chunked, fp32, KV heads never expanded."""
+        if not self._pending:
+            raise RuntimeError("HybridCacheLayer.advance() called without a preceding update()")
+        new = self._pending
+        Tk = k.shape[2]
+        end = self.cumulative_length  # absolute position after the last of the Tk tokens
+        keep = min(window - 1, Tk)
+        fold = Tk - keep
+        B, H, F, D = phi_k.shape[0], phi_k.shape[1], phi_k.shape[-1], v.shape[-1]
+        if self.state is None:
+            self.state = (phi_k.new_zeros(B, H, F, D, dtype=torch.float32), phi_k.new_zeros(B, H, F, dtype=torch.float32))
+        elif not (inplace and all(t.is_contiguous() for t in self.state)
+                  and (torch.is_inference_mode_enabled() or not self.state[0].is_inference())):
+            self.state = tuple(t.clone() for t in self.state)  # autograd may hold the old state
+        if fold > 0:
+            fold_into_state(self.state, phi_k[:, :, :fold], v[:, :, :fold], key_valid[:, :fold])
+        if self.ring_window != window or self.keys.shape[0] != B or self.keys.dtype != k.dtype:
+            ring = DecodeCache.empty(B, H, k.shape[1], k.shape[-1], F, window, dtype=k.dtype, device=k.device,
+                                     value_dim=D)
+            self.keys, self.values, self.valid = ring.k_win, ring.v_win, ring.valid
+        elif not (torch.is_inference_mode_enabled() or not self.keys.is_inference()):
+            self.keys, self.values, self.valid = self.keys.clone(), self.values.clone(), self.valid.clone()
+        self.position = end
+        ring = self.decode_cache()
+        ring.position.fill_(end)
+        ring.write_window(k.detach(), v.detach(), end, key_valid=key_valid)
+        self._advance_sinks(k, v, key_valid, Tk - new, end - Tk, num_sinks)
         self._pending = 0
 
     def _advance_sinks(self, k, v, key_valid, n_old, offset, num_sinks):
@@ -219,7 +249,7 @@ class HybridCache(Cache):
         seen, total = set(), 0
         for layer in self.layers:
             if isinstance(layer, HybridCacheLayer):
-                tensors = (layer.keys, layer.values, layer.phi_keys, layer.valid, *(layer.state or ()), *(layer.sinks or ()))
+                tensors = (layer.keys, layer.values, layer.valid, *(layer.state or ()), *(layer.sinks or ()))
             else:
                 tensors = (getattr(layer, "keys", None), getattr(layer, "values", None))
             for t in tensors:
@@ -230,39 +260,6 @@ class HybridCache(Cache):
                     seen.add(storage.data_ptr())
                     total += storage.nbytes()
         return total
-
-
-#: tokens per step of the state fold: bounds the fp32 temporaries of a long prefill's fold
-FOLD_CHUNK = 1024
-
-
-def fold_into_state(state: tuple[torch.Tensor, torch.Tensor], phi_k: torch.Tensor, v: torch.Tensor,
-                    valid: torch.Tensor, chunk: int = FOLD_CHUNK) -> None:
-    """In place: S += sum_j phi_k_j v_j^T and z += sum_j phi_k_j over the valid tokens j, in fp32.
-
-    state: S [B, H, F, D], z [B, H, F] (fp32, contiguous); phi_k [B, H, T, F] per query head; v
-    [B, Hkv, T, D] with H = G * Hkv (GQA). The G query heads of a KV group are the rows of one
-    matmul against that group's values, so V is never expanded to H heads, and the fold walks T
-    in chunks of `chunk` tokens, so the fp32 temporaries are O(chunk), not O(T)."""
-    S, z = state
-    B, H, F, D = S.shape
-    Hkv, T = v.shape[1], v.shape[2]
-    G = H // Hkv
-    S_groups = S.view(B * Hkv, G * F, D)
-    for s in range(0, T, chunk):
-        e = min(T, s + chunk)
-        fk = phi_k[:, :, s:e].float() * valid[:, None, s:e, None].float()  # [B, H, c, F]
-        z.add_(fk.sum(2))
-        fkT = fk.view(B, Hkv, G, e - s, F).permute(0, 1, 2, 4, 3).reshape(B * Hkv, G * F, e - s)
-        S_groups.baddbmm_(fkT, v[:, :, s:e].float().reshape(B * Hkv, e - s, D))
-
-
-def _own(x: torch.Tensor) -> torch.Tensor:
-    """`x` (a slice kept in the cache) without pinning a much larger buffer: after a prefill of T
-    tokens the kept w-1 would otherwise hold the whole prefill's k/v/phi_k alive."""
-    if x.untyped_storage().nbytes() > 2 * x.numel() * x.element_size():
-        return x.clone(memory_format=torch.contiguous_format)
-    return x
 
 
 def _route_masks(layers: list, hybrid_set: set[int], windows: list[int | None]) -> None:

@@ -9,12 +9,14 @@ copy, which is why all the computation happens in `HybridMixer.forward` (SPEC §
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn as nn
 
 from .config import COMPONENT_MODES, HybridConfig
 from .feature_maps import build_feature_map
-from .kernels import expand_kv_heads, hybrid_attention, sinks_attention, validate_inputs
+from .kernels import KERNEL_MODES, expand_kv_heads, hybrid_attention, sinks_attention, validate_inputs
 from .kernels.dispatch import resolve_backend
 
 
@@ -69,6 +71,7 @@ class HybridMixer(nn.Module):
         self.feature_map_name = config.feature_map
         self.feature_map_q = build_feature_map(config.feature_map, num_heads, head_dim, config.feature_dim)
         self.feature_map_k = build_feature_map(config.feature_map, num_heads, head_dim, config.feature_dim)
+        self.phi_dim = self.feature_map_k.output_dim(head_dim, config.feature_dim)  # F', the size of phi(x)
         self.window_logit = nn.Parameter(torch.full((num_heads,), config.init_window_logit))
         self.init_window_logit = config.init_window_logit
         self.affine_mix = config.affine_mix
@@ -108,19 +111,9 @@ class HybridMixer(nn.Module):
     def alpha(self) -> torch.Tensor:
         return 1.0 - self.gamma() if self.affine_mix else torch.ones_like(self.window_logit, dtype=torch.float32)
 
-    def features(self, q: torch.Tensor, k: torch.Tensor, cache_layer=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """phi_q(q) [B,H,Tq,F'] and phi_k(k) per query head [B,H,Tk,F'].
-
-        With a cache, k = (window buffer + new tokens) and the buffer's phi_k was stored by the
-        previous step: only the new tokens go through the feature map (without grad: with grad the
-        buffer is mapped again, so the feature map gets its gradient through those keys too)."""
-        n_old = k.shape[2] - q.shape[2]
-        reuse = cache_layer is not None and not torch.is_grad_enabled()
-        buffered = cache_layer.buffered_phi_k(n_old) if reuse else None
-        if buffered is None:
-            return self.feature_map_q(q), self.feature_map_k(expand_kv_heads(k, self.num_heads))
-        phi_new = self.feature_map_k(expand_kv_heads(k[:, :, n_old:], self.num_heads))
-        return self.feature_map_q(q), torch.cat([buffered.to(phi_new.dtype), phi_new], 2)
+    def features(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """phi_q(q) [B,H,Tq,F'] and phi_k(k) per query head [B,H,Tk,F']."""
+        return self.feature_map_q(q), self.feature_map_k(expand_kv_heads(k, self.num_heads))
 
     # -- computation ----------------------------------------------------------------------------
     def forward(
@@ -136,15 +129,27 @@ class HybridMixer(nn.Module):
     ):
         """q [B,H,Tq,D], k/v [B,Hkv,Tk,D] (queries = last Tq keys), key_valid [B,Tk] bool.
 
-        Returns y [B,H,Tq,D] (with return_stats: y, lin_den, den). With a `HybridCacheLayer`, k/v
-        are (window buffer + new tokens) and the layer's fp32 state covers everything older; the
-        state is advanced afterwards whatever the mode, so modes can be switched mid-stream."""
+        Returns y [B,H,Tq,D] (with return_stats: y, lin_den, den). With a `HybridCacheLayer`, k/v/
+        key_valid are the new tokens only (Tk = Tq): one new token without autograd runs the decode
+        step on the cache's ring in place (`_ring_decode`); otherwise the kept window tokens are
+        prepended, the layer's fp32 state is the prefix, and the cache is advanced afterwards.
+        Either way whatever the mode, so modes can be switched mid-stream."""
         mode = self.mode if mode is None else mode
         if mode not in COMPONENT_MODES:
             raise ValueError(f"component mode must be one of {COMPONENT_MODES}, got {mode!r}")
+        if cache_layer is not None:
+            if k.shape[2] != q.shape[2]:
+                raise ValueError(f"k: with a HybridCache layer k/v are the new tokens only ({q.shape[2]}), got {k.shape[2]}")
+            if self._ring_decode_applies(q, k, v, cache_layer, mode, return_stats):
+                return self._ring_decode(q, k, v, key_valid, scaling, cache_layer, mode)
+            kept = cache_layer.window_tokens()
+            if kept is not None:  # the general path: prepend the window tokens kept by the cache
+                kb, vb, validb = kept
+                k, v = torch.cat([kb.to(k.dtype), k], 2), torch.cat([vb.to(v.dtype), v], 2)
+                key_valid = torch.cat([validb.to(key_valid.device), key_valid], 1)
         initial_state = cache_layer.linear_state() if cache_layer is not None else None
         needs_features = mode in ("hybrid", "linear_only") or cache_layer is not None
-        phi_q, phi_k = self.features(q, k, cache_layer) if needs_features else (None, None)
+        phi_q, phi_k = self.features(q, k) if needs_features else (None, None)
         lin_den = den = None
 
         if mode == "none":
@@ -168,9 +173,6 @@ class HybridMixer(nn.Module):
                 phi_q_, phi_k_ = phi_q, phi_k
             gamma, alpha = self.gamma(), self.alpha()
             drop = self.swa_drop if mode == "hybrid" else None
-            if drop is None and not return_stats and self._fused_decode_applies(q, k, v, cache_layer):
-                validate_inputs(q, k, v, phi_q, phi_k, gamma, alpha, mode=mode, **kw)
-                return self._fused_decode(q, k, v, phi_q, phi_k, gamma, alpha, key_valid, scaling, cache_layer, mode)
             if drop is not None:
                 out = self._with_row_drop(q, k, v, phi_q_, phi_k_, gamma, alpha, drop, kw)
             else:
@@ -189,54 +191,41 @@ class HybridMixer(nn.Module):
             return y, lin_den, den
         return y
 
-    def _fused_decode_applies(self, q, k, v, cache_layer) -> bool:
-        """One new token per sequence, with a cache, on the Triton backend (auto on CUDA), no
-        gradient: the fused decode-step kernel (`kernels/triton_decode.py`) does the whole step."""
-        if cache_layer is None or q.shape[2] != 1 or k.shape[2] > self.window:
-            return False  # (a buffer longer than w-1 happens once after set_window shrinks w)
+    def _ring_decode_applies(self, q, k, v, cache_layer, mode, return_stats) -> bool:
+        """One new token per sequence, no gradient, a kernel mode, the torch or Triton backend (auto:
+        Triton on CUDA), and a ring laid out for this window (it is not after set_window changed w:
+        the general path re-lays it once)."""
+        if q.shape[2] != 1 or return_stats or mode not in KERNEL_MODES or (mode == "hybrid" and self.swa_drop is not None):
+            return False
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
             return False
-        return resolve_backend(self.backend, q.device) == "triton"
+        if resolve_backend(self.backend, q.device) == "reference":
+            return False
+        return cache_layer.ensure_ring(q.shape[0], self.num_heads, k.shape[1], k.shape[-1], v.shape[-1], self.phi_dim,
+                                       self.window, k.dtype, k.device)
 
-    def _fused_decode(self, q, k, v, phi_q, phi_k, gamma, alpha, key_valid, scaling, cache_layer, mode):
-        """k/v/phi_k/key_valid = the cache's window buffer (n <= w-1 tokens, oldest first) + the new
-        token. The buffer is laid out as the kernel's ring with the oldest token in slot 0 (invalid
-        front padding while n < w-1), so the kernel folds exactly the token leaving the window into
-        the fp32 state, in place, and writes the new token into that slot."""
-        from .kernels.triton_decode import DecodeCache, hybrid_decode_triton
-
-        B, _, Tk, _ = k.shape
-        n, w1 = Tk - 1, self.window - 1
-        pad = w1 - n
-
-        def ring(x):
-            x = x[:, :, :n]
-            if pad:
-                x = torch.cat([x.new_zeros(*x.shape[:2], pad, x.shape[-1]), x], 2)
-            return x.contiguous()
-
-        valid = key_valid[:, :n]
-        if pad:
-            valid = torch.cat([valid.new_zeros(B, pad), valid], 1)
-        state = cache_layer.linear_state()
-        if state is None:
-            S = torch.zeros(B, self.num_heads, phi_k.shape[-1], v.shape[-1], dtype=torch.float32, device=q.device)
-            z = torch.zeros(B, self.num_heads, phi_k.shape[-1], dtype=torch.float32, device=q.device)
+    def _ring_decode(self, q, k, v, key_valid, scaling, cache_layer, mode):
+        """The decode step on the cache's ring, in place (`kernels.decode` / `kernels.triton_decode`):
+        the feature map runs on the new key and on the one key leaving the window (and, in the
+        modes whose linear branch covers the window, on the ring's w-1 keys)."""
+        phi_q, phi_k = self.features(q, k)
+        gamma, alpha = self.gamma(), self.alpha()
+        validate_inputs(q, k, v, phi_q, phi_k, gamma, alpha, window=self.window, mode=mode, key_valid=key_valid)
+        ring = cache_layer.decode_cache()
+        lin_window = mode == "linear_only" or (mode == "hybrid" and self.linear_covers_window)
+        phi_evict = None
+        if ring.k_win.shape[2]:
+            if lin_window:
+                ring = dataclasses.replace(ring, phi_k_win=self.feature_map_k(expand_kv_heads(ring.k_win, self.num_heads)))
+            else:
+                phi_evict = self.feature_map_k(expand_kv_heads(ring.evicted_keys(), self.num_heads))
+        if resolve_backend(self.backend, q.device) == "triton":
+            from .kernels.triton_decode import hybrid_decode_triton as step
         else:
-            S, z = (t.float().contiguous() for t in state)
-        cache = DecodeCache(k_win=ring(k), v_win=ring(v), valid=valid.contiguous(), S=S, z=z,
-                            position=torch.zeros(1, dtype=torch.int64, device=q.device), phi_k_win=ring(phi_k))
-        y = hybrid_decode_triton(q, k[:, :, n:], v[:, :, n:], phi_q, phi_k[:, :, n:], gamma, alpha, cache,
-                                 scale=scaling, mode=mode, linear_covers_window=self.linear_covers_window,
-                                 key_valid=key_valid[:, n])
-        keep = min(n + 1, w1)  # the new token sits in slot 0: rotate it to the end, drop the padding
-
-        def window_of(x):
-            return torch.roll(x, -1, dims=2)[:, :, w1 - keep:] if keep else x[:, :, :0]
-
-        new_valid = torch.roll(cache.valid, -1, dims=1)[:, w1 - keep:] if keep else key_valid[:, :0]
-        cache_layer.commit_decode(window_of(cache.k_win), window_of(cache.v_win), window_of(cache.phi_k_win), new_valid,
-                                  (cache.S, cache.z), k, v, key_valid, self.num_sinks)
+            from .kernels.decode import hybrid_decode_torch as step
+        y = step(q, k, v, phi_q, phi_k, gamma, alpha, ring, scale=scaling, mode=mode,
+                 linear_covers_window=self.linear_covers_window, phi_k_evict=phi_evict, key_valid=key_valid[:, -1])
+        cache_layer.after_decode(k, v, key_valid, self.num_sinks)
         return y
 
     def _with_row_drop(self, q, k, v, phi_q, phi_k, gamma, alpha, drop, kw):
@@ -267,8 +256,8 @@ class HybridMixer(nn.Module):
     def _sinks(self, q, k, v, key_valid, scaling, cache_layer):
         """Softmax over the first `num_sinks` valid keys j <= i (prefix from the cache if any)."""
         Tq, Tk = q.shape[2], k.shape[2]
-        offset = cache_layer.seen_tokens_before(Tq) if cache_layer is not None else 0
         n_old = Tk - Tq  # window-buffer tokens, already considered for sinks in earlier steps
+        offset = cache_layer.seen_tokens_before(Tq) - n_old if cache_layer is not None else 0  # position of k[0]
         cached = cache_layer.sinks if cache_layer is not None else None
         sk, sv, spos, svalid = sink_candidates(k, v, key_valid, n_old, offset, self.num_sinks, cached)
         svalid = svalid & (svalid.long().cumsum(1) <= self.num_sinks)  # only the first num_sinks valid ones

@@ -1,0 +1,242 @@
+"""One decode step of the hybrid layer on a ring cache, in PyTorch (any device), and the state fold.
+
+The ring layout (`DecodeCache`), per layer, for window w and the next token at absolute position T:
+
+    k_win, v_win  [B, Hkv, w-1, D]   the last w-1 raw keys/values (after RoPE): position p lives in
+                                      slot p % (w-1); a step writes one slot, nothing shifts
+    valid         [B, w-1] bool       slot holds a real key (False: padding or never filled)
+    S, z          fp32 [B, H, F, D], [B, H, F]   sum of phi_k v^T and phi_k over every valid key
+                                      older than the window (positions <= T-w)
+    position      [1] int64           T, on the device (no host sync per step)
+    phi_k_win     optional [B, H, w-1, F]: phi_k of the ring's keys (same slots), only read by the
+                                      modes whose linear branch covers the window
+
+One step (`hybrid_decode_torch`, the same contract as `triton_decode.hybrid_decode_triton`):
+  1. attend: softmax over the w-1 ring keys + the new key (window), linear readout of (S, z)
+     (plus the window's keys in `linear_only` / `linear_covers_window`), one shared normaliser:
+     row T of the uncached forward (SPEC §2);
+  2. fold the key leaving the window (slot T % (w-1), position T-w+1) into (S, z) — whatever the
+     mode, so the cache stays valid when modes are switched at run time; with w = 1 the new key
+     itself leaves at once;
+  3. write the new key/value/validity into that slot; position += 1.
+The query heads of a KV group are rows of one matmul against that group's ring (keys and values
+are never expanded per query head), and all arithmetic is fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+#: tokens per step of `fold_into_state`: bounds the fp32 temporaries of a long prefill's fold
+FOLD_CHUNK = 1024
+
+
+@dataclass
+class DecodeCache:
+    """Per-layer decode cache; see the module docstring for the layout."""
+
+    k_win: torch.Tensor
+    v_win: torch.Tensor
+    valid: torch.Tensor
+    S: torch.Tensor
+    z: torch.Tensor
+    position: torch.Tensor
+    phi_k_win: torch.Tensor | None = None
+
+    @property
+    def window(self) -> int:
+        return self.k_win.shape[2] + 1
+
+    @classmethod
+    def empty(cls, batch: int, heads: int, kv_heads: int, head_dim: int, feature_dim: int, window: int, *,
+              dtype: torch.dtype, device, keep_phi_k: bool = False, value_dim: int | None = None) -> DecodeCache:
+        slots, dv = window - 1, head_dim if value_dim is None else value_dim
+        return cls(
+            k_win=torch.zeros(batch, kv_heads, slots, head_dim, dtype=dtype, device=device),
+            v_win=torch.zeros(batch, kv_heads, slots, dv, dtype=dtype, device=device),
+            valid=torch.zeros(batch, slots, dtype=torch.bool, device=device),
+            S=torch.zeros(batch, heads, feature_dim, dv, dtype=torch.float32, device=device),
+            z=torch.zeros(batch, heads, feature_dim, dtype=torch.float32, device=device),
+            position=torch.zeros(1, dtype=torch.int64, device=device),
+            phi_k_win=(torch.zeros(batch, heads, slots, feature_dim, dtype=dtype, device=device)
+                       if keep_phi_k else None),
+        )
+
+    @classmethod
+    def from_prefill(cls, k: torch.Tensor, v: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor], window: int,
+                     *, key_valid: torch.Tensor | None = None, phi_k: torch.Tensor | None = None) -> DecodeCache:
+        """Cache after a prefill of Tk tokens: k, v [B,Hkv,Tk,D] (and phi_k [B,H,Tk,F] to keep the
+        phi_k ring), state = the (S, z) over all but the last window-1 keys (e.g. what
+        `hybrid_attention_triton(..., return_state=True)` returned for that prefill)."""
+        B, Hkv, Tk, D = k.shape
+        S, z = state
+        H, F = S.shape[1], S.shape[2]
+        cache = cls.empty(B, H, Hkv, D, F, window, dtype=k.dtype, device=k.device, keep_phi_k=phi_k is not None,
+                          value_dim=v.shape[-1])
+        cache.S.copy_(S)
+        cache.z.copy_(z)
+        cache.position.fill_(Tk)
+        cache.write_window(k, v, Tk, key_valid=key_valid, phi_k=phi_k)
+        return cache
+
+    def write_window(self, k: torch.Tensor, v: torch.Tensor, end: int, *, key_valid: torch.Tensor | None = None,
+                     phi_k: torch.Tensor | None = None) -> None:
+        """Lay the last min(w-1, n) of n chronological tokens (positions end-n .. end-1) into their
+        slots (position p -> slot p % (w-1)); slots not written become invalid."""
+        slots, n = self.window - 1, k.shape[2]
+        if slots == 0:
+            return
+        keep = min(slots, n)
+        self.valid.zero_()
+        if keep == 0:
+            return
+        pos = torch.arange(end - keep, end, device=k.device)
+        slot = pos % slots
+        src = torch.arange(n - keep, n, device=k.device)
+        self.k_win[:, :, slot] = k[:, :, src].to(self.k_win.dtype)
+        self.v_win[:, :, slot] = v[:, :, src].to(self.v_win.dtype)
+        self.valid[:, slot] = True if key_valid is None else key_valid[:, src].bool()
+        if self.phi_k_win is not None and phi_k is not None:
+            self.phi_k_win[:, :, slot] = phi_k[:, :, src].to(self.phi_k_win.dtype)
+
+    def evict_slot(self) -> torch.Tensor:
+        """[1] int64: ring slot of the key that leaves the window after the next step."""
+        return self.position % max(self.window - 1, 1)
+
+    def evicted_keys(self) -> torch.Tensor:
+        """[B, Hkv, 1, D]: raw key at position T-w+1 (apply the feature map to get phi_k_evict)."""
+        return self.k_win.index_select(2, self.evict_slot())
+
+    def chronological(self, position: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(k, v, valid) of the ring's tokens oldest first, copies (positions max(0, P-w+1) .. P-1,
+        P = `position`, passed as a Python int so that no host sync is needed)."""
+        slots = self.window - 1
+        n = min(slots, position)
+        if position <= slots:
+            idx = torch.arange(n, device=self.k_win.device)
+        else:
+            idx = (torch.arange(slots, device=self.k_win.device) + position % slots) % slots
+        return self.k_win.index_select(2, idx), self.v_win.index_select(2, idx), self.valid.index_select(1, idx)
+
+
+def fold_into_state(state: tuple[torch.Tensor, torch.Tensor], phi_k: torch.Tensor, v: torch.Tensor,
+                    valid: torch.Tensor, chunk: int = FOLD_CHUNK) -> None:
+    """In place: S += sum_j phi_k_j v_j^T and z += sum_j phi_k_j over the valid tokens j, in fp32.
+
+    state: S [B, H, F, D], z [B, H, F] (fp32, contiguous); phi_k [B, H, T, F] per query head; v
+    [B, Hkv, T, D] with H = G * Hkv (GQA); valid [B, T] bool. The G query heads of a KV group are
+    the rows of one matmul against that group's values, so V is never expanded to H heads, and the
+    fold walks T in chunks of `chunk` tokens, so the fp32 temporaries are O(chunk), not O(T)."""
+    S, z = state
+    B, H, F, D = S.shape
+    Hkv, T = v.shape[1], v.shape[2]
+    G = H // Hkv
+    S_groups = S.view(B * Hkv, G * F, D)
+    for s in range(0, T, chunk):
+        e = min(T, s + chunk)
+        fk = phi_k[:, :, s:e].float() * valid[:, None, s:e, None].float()  # [B, H, c, F]
+        z.add_(fk.sum(2))
+        fkT = fk.view(B, Hkv, G, e - s, F).permute(0, 1, 2, 4, 3).reshape(B * Hkv, G * F, e - s)
+        S_groups.baddbmm_(fkT, v[:, :, s:e].float().reshape(B * Hkv, e - s, D))
+
+
+@torch.no_grad()
+def hybrid_decode_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    phi_q: torch.Tensor,
+    phi_k: torch.Tensor,
+    gamma: torch.Tensor,
+    alpha: torch.Tensor,
+    cache: DecodeCache,
+    *,
+    scale: float,
+    mode: str = "hybrid",
+    linear_covers_window: bool = False,
+    phi_k_evict: torch.Tensor | None = None,
+    key_valid: torch.Tensor | None = None,
+    update_cache: bool = True,
+) -> torch.Tensor:
+    """One decode step; equals row T of the uncached forward over all T+1 keys.
+
+    q [B,H,1,D], k/v [B,Hkv,1,D] of the new token (after RoPE), phi_q/phi_k [B,H,1,F] of it,
+    phi_k_evict [B,H,1,F]: phi_k of `cache.evicted_keys()` (needed to fold it, unless the cache
+    keeps a phi_k ring), key_valid [B] bool for the new token (default all valid). Modes whose
+    linear branch covers the window (`linear_only`, `hybrid` with linear_covers_window) need
+    `cache.phi_k_win`. With update_cache (default) the cache is advanced in place. Returns
+    y [B, H, 1, D] in q's dtype. No autograd (inference only)."""
+    if mode not in ("hybrid", "swa_only", "linear_only"):
+        raise ValueError(f"mode must be one of ('hybrid', 'swa_only', 'linear_only'), got {mode!r}")
+    B, H, Tq, D = q.shape
+    Hkv, W1, DV = cache.k_win.shape[1], cache.k_win.shape[2], cache.v_win.shape[-1]
+    if Tq != 1 or tuple(k.shape) != (B, Hkv, 1, D) or tuple(v.shape) != (B, Hkv, 1, DV):
+        raise ValueError(f"q, k, v must be one new token: q [B, H, 1, D], k/v [{B}, {Hkv}, 1, D]; got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    G, F = H // Hkv, cache.S.shape[2]
+    lin_window = mode == "linear_only" or (mode == "hybrid" and linear_covers_window)
+    if lin_window and W1 and cache.phi_k_win is None:
+        raise ValueError(f"mode {mode!r} (linear_covers_window={linear_covers_window}) reads phi_k of the window: "
+                         "pass a cache with phi_k_win")
+    if update_cache and W1 and cache.phi_k_win is None and phi_k_evict is None:
+        raise ValueError("phi_k_evict [B, H, 1, F] (phi_k of cache.evicted_keys()) is required to fold the evicted "
+                         "key when the cache keeps no phi_k ring")
+    f32 = torch.float32
+    new_valid = (torch.ones(B, dtype=torch.bool, device=q.device) if key_valid is None
+                 else key_valid.reshape(B).to(device=q.device, dtype=torch.bool))
+    qg = q.to(f32).reshape(B, Hkv, G, D)
+    kn, vn = k.to(f32).reshape(B, Hkv, 1, D), v.to(f32).reshape(B, Hkv, 1, DV)
+    vw = cache.v_win.to(f32)
+    num = torch.zeros(B, Hkv, G, DV, dtype=f32, device=q.device)
+    den = torch.zeros(B, Hkv, G, dtype=f32, device=q.device)
+    if mode != "linear_only":  # the softmax window: the ring + the new key, row max over the window
+        s_new = scale * (qg * kn).sum(-1)  # [B, Hkv, G]
+        s_new = s_new.masked_fill(~new_valid[:, None, None], float("-inf"))
+        s_win = (scale * qg @ cache.k_win.to(f32).transpose(-1, -2)).masked_fill(~cache.valid[:, None, None, :],
+                                                                             float("-inf"))
+        c = torch.maximum(s_new, s_win.amax(-1)) if W1 else s_new
+        c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))  # no valid key in the window: adds 0
+        p_new, p_win = torch.exp(s_new - c), torch.exp(s_win - c[..., None])
+        g = gamma.to(f32).reshape(1, Hkv, G)
+        num += g[..., None] * (p_win @ vw + p_new[..., None] * vn)
+        den += g * (p_win.sum(-1) + p_new)
+    if mode != "swa_only":  # the linear branch: the state (+ the window's keys where it covers them)
+        pq = phi_q.to(f32).reshape(B, H, F)
+        lin_num = (pq[:, :, None, :] @ cache.S).reshape(B, Hkv, G, DV)
+        lin_den = (pq * cache.z).sum(-1).reshape(B, Hkv, G)
+        if lin_window:
+            a_new = (pq * phi_k.to(f32).reshape(B, H, F)).sum(-1).reshape(B, Hkv, G) * new_valid[:, None, None]
+            lin_num = lin_num + a_new[..., None] * vn
+            lin_den = lin_den + a_new
+            if W1:
+                a_win = (cache.phi_k_win.to(f32) @ pq[..., None]).squeeze(-1)  # [B, H, W1]
+                a_win = (a_win * cache.valid[:, None, :]).reshape(B, Hkv, G, W1)
+                lin_num = lin_num + a_win @ vw
+                lin_den = lin_den + a_win.sum(-1)
+        a = alpha.to(f32).reshape(1, Hkv, G)
+        num += a[..., None] * lin_num
+        den += a * lin_den
+    y = torch.where(den[..., None] > 0, num / den.clamp_min(1e-30)[..., None], torch.zeros_like(num))
+    if update_cache:
+        _advance(cache, k, v, phi_k, phi_k_evict, new_valid)
+    return y.reshape(B, H, 1, DV).to(q.dtype)
+
+
+def _advance(cache: DecodeCache, k, v, phi_k, phi_k_evict, new_valid) -> None:
+    """Steps 2-3: fold the key leaving the window, write the new token into its slot, position += 1."""
+    W1 = cache.k_win.shape[2]
+    state = (cache.S, cache.z)
+    if W1 == 0:  # w = 1: the new key leaves the window at once
+        fold_into_state(state, phi_k, v, new_valid[:, None])
+    else:
+        slot = cache.evict_slot()
+        phi_old = cache.phi_k_win.index_select(2, slot) if cache.phi_k_win is not None else phi_k_evict
+        fold_into_state(state, phi_old, cache.v_win.index_select(2, slot), cache.valid.index_select(1, slot))
+        cache.k_win.index_copy_(2, slot, k.to(cache.k_win.dtype))
+        cache.v_win.index_copy_(2, slot, v.to(cache.v_win.dtype))
+        cache.valid.index_copy_(1, slot, new_valid.view(-1, 1))
+        if cache.phi_k_win is not None:
+            cache.phi_k_win.index_copy_(2, slot, phi_k.to(cache.phi_k_win.dtype))
+    cache.position.add_(1)
