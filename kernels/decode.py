@@ -114,7 +114,7 @@ class DecodeCache:
         P = `position`, passed as a Python int so that no host sync is needed)."""
         slots = self.window - 1
         n = min(slots, position)
-        if position <= slots:
+        if position <= slots or slots == 0:
             idx = torch.arange(n, device=self.k_win.device)
         else:
             idx = (torch.arange(slots, device=self.k_win.device) + position % slots) % slots

@@ -1,0 +1,87 @@
+"""kernels/decode.py: the PyTorch decode step on a ring cache against the readable quadratic
+reference (kernels/reference.py, float64 inputs), every kernel mode, with and without the overlap
+option, windows 1 .. 64 around the ring boundaries, GQA, left padding, prefills shorter and longer
+than the window; the state and ring after the steps equal a fresh `from_prefill` of the longer
+prefix. (The state is fp32 by contract, hence the fp32 tolerance.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_hybrid_attn.kernels.decode import DecodeCache, fold_into_state, hybrid_decode_torch
+from hf_hybrid_attn.kernels.reference import hybrid_attention_reference, linear_state
+
+
+def _inputs(B=3, H=6, Hkv=2, T=20, D=8, F=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, h, T, D, generator=g, dtype=torch.float64) for h in (H, Hkv, Hkv))
+    phi_q = torch.rand(B, H, T, F, generator=g, dtype=torch.float64) + 0.05
+    phi_k = torch.rand(B, H, T, F, generator=g, dtype=torch.float64) + 0.05
+    gamma = torch.rand(H, generator=g, dtype=torch.float64) * 0.9 + 0.05
+    alpha = torch.rand(H, generator=g, dtype=torch.float64) * 0.9 + 0.05
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[1, :4] = False  # left padding
+    valid[2, : T - 2] = False  # almost everything padded: early rows see nothing
+    return q, k, v, phi_q, phi_k, gamma, alpha, valid
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "swa_only", "linear_only"])
+@pytest.mark.parametrize("covers", [False, True])
+@pytest.mark.parametrize("w", [1, 2, 5, 16])
+@pytest.mark.parametrize("prefill", [0, 1, 3, 15, 17])
+def test_decode_steps_equal_the_reference_rows(mode, covers, w, prefill):
+    T = prefill + 9
+    q, k, v, phi_q, phi_k, gamma, alpha, valid = _inputs(T=T)
+    scale = 0.35
+    ref = hybrid_attention_reference(q, k, v, phi_q, phi_k, gamma, alpha, window=w, scale=scale, mode=mode,
+                                     linear_covers_window=covers, key_valid=valid)
+    keep_ring = mode == "linear_only" or (mode == "hybrid" and covers)
+    state = linear_state(phi_k, v, end=prefill - (w - 1), key_valid=valid)
+    cache = DecodeCache.from_prefill(k[:, :, :prefill], v[:, :, :prefill], state, w, key_valid=valid[:, :prefill],
+                                     phi_k=phi_k[:, :, :prefill] if keep_ring else None)
+    for t in range(prefill, T):
+        old = t - (w - 1)  # the position leaving the window after this step
+        evict = phi_k[:, :, old : old + 1] if w > 1 and old >= 0 else torch.zeros_like(phi_k[:, :, :1])
+        y = hybrid_decode_torch(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], phi_q[:, :, t : t + 1],
+                                phi_k[:, :, t : t + 1], gamma, alpha, cache, scale=scale, mode=mode,
+                                linear_covers_window=covers, phi_k_evict=None if keep_ring else evict,
+                                key_valid=valid[:, t])
+        assert y.dtype == q.dtype and y.shape == (3, 6, 1, 8)
+        torch.testing.assert_close(y, ref[:, :, t : t + 1], atol=2e-6, rtol=2e-5, msg=lambda m, t=t: f"step {t}: {m}")
+    assert int(cache.position) == T
+    fresh = DecodeCache.from_prefill(k, v, linear_state(phi_k, v, end=T - (w - 1), key_valid=valid), w, key_valid=valid)
+    torch.testing.assert_close(cache.S, fresh.S, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cache.z, fresh.z, atol=1e-5, rtol=1e-5)
+    assert torch.equal(cache.valid, fresh.valid)
+    assert torch.equal(cache.k_win[fresh.valid[:, None, :].expand_as(cache.k_win[..., 0])],
+                       fresh.k_win[fresh.valid[:, None, :].expand_as(fresh.k_win[..., 0])])
+    torch.testing.assert_close(cache.chronological(T)[0], k[:, :, T - min(T, w - 1):] if w > 1 else k[:, :, :0])
+
+
+def test_decode_refuses_what_it_cannot_compute():
+    q, k, v, phi_q, phi_k, gamma, alpha, valid = _inputs(T=6)
+    cache = DecodeCache.from_prefill(k[:, :, :5], v[:, :, :5], linear_state(phi_k, v, end=1), 5)
+    step = dict(scale=0.3)
+    one = (q[:, :, 5:6], k[:, :, 5:6], v[:, :, 5:6], phi_q[:, :, 5:6], phi_k[:, :, 5:6], gamma, alpha, cache)
+    with pytest.raises(ValueError, match="phi_k_evict"):
+        hybrid_decode_torch(*one, **step)
+    with pytest.raises(ValueError, match="phi_k of the window"):
+        hybrid_decode_torch(*one, mode="linear_only", phi_k_evict=phi_k[:, :, :1], **step)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        hybrid_decode_torch(*one, mode="sinks_only", **step)
+    with pytest.raises(ValueError, match="one new token"):
+        hybrid_decode_torch(q[:, :, 4:6], *one[1:], **step)
+    before = (cache.S.clone(), cache.k_win.clone(), int(cache.position))
+    hybrid_decode_torch(*one, phi_k_evict=phi_k[:, :, 1:2], update_cache=False, **step)
+    assert torch.equal(cache.S, before[0]) and torch.equal(cache.k_win, before[1]) and int(cache.position) == before[2]
+
+
+def test_fold_into_state_chunks_give_the_same_state():
+    _, k, v, _, phi_k, _, _, valid = _inputs(T=37)
+    ref = linear_state(phi_k, v, end=37, key_valid=valid)
+    for chunk in (1, 5, 37, 1024):
+        state = (torch.zeros_like(ref[0]), torch.zeros_like(ref[1]))
+        fold_into_state(state, phi_k, v, valid, chunk=chunk)
+        torch.testing.assert_close(state[0], ref[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(state[1], ref[1], atol=1e-5, rtol=1e-5)
