@@ -1,0 +1,189 @@
+"""benchmarks/bench_long_context.py on the real teacher cut to 2 layers (CPU, --smoke): the files are
+written and parse, every point of the grid is measured with every field, a tiny teacher budget leaves
+the teacher's later points 'not run' with their estimate, --resume keeps the measured points (their run
+number and timestamp) and measures only the rest, a failing gate times nothing. Also the two
+measuring pieces on their own: the CPU peak-RSS probe against a known allocation, and the step clock
+(memory reads are not timed) against a fake clock."""
+
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hf_hybrid_attn.assets import AssetMissingError, teacher_gguf_path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_long_context.py"
+FIELDS = ("prefill_s", "ms_per_step", "decode_tokens_per_s", "resident_bytes", "prefill_peak_bytes",
+          "decode_peak_bytes", "decode_step1_bytes", "decode_stepN_bytes", "decode_delta_bytes", "cache_bytes",
+          "work_s", "wall_s", "load_s", "max_position_embeddings")
+GRID = {(m, B, T) for m in ("hybrid", "teacher") for B in (1, 2) for T in (96, 160)}
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_long_context", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    # the workers' target is pickled by reference: the module must be importable under its name
+    sys.modules["bench_long_context"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    try:
+        teacher_gguf_path()
+    except AssetMissingError as e:
+        pytest.skip(f"SmolLM2 teacher asset missing: {e}")
+    module = load_bench()
+    yield module
+    sys.modules.pop("bench_long_context", None)
+
+
+@pytest.fixture(scope="module")
+def runs(bench, tmp_path_factory):
+    """Run 1: --smoke with a 1 ms teacher budget (only the teacher's first point runs). Run 2: --resume
+    with the default budget and only the teacher: the missing teacher points are measured, nothing else."""
+    out = tmp_path_factory.mktemp("long-context")
+    rc1 = bench.main(["--smoke", "--device", "cpu", "--teacher-budget-s", "0.001", "--out", str(out)])
+    (js,) = out.glob("long_context_cpu_*.json")
+    first = json.loads(js.read_text())
+    first_md = js.with_suffix(".md").read_text()
+    rc2 = bench.main(["--smoke", "--device", "cpu", "--resume", "--models", "teacher", "--out", str(out)])
+    second = json.loads(js.read_text())
+    return {"out": out, "js": js, "rc": (rc1, rc2), "first": first, "first_md": first_md, "second": second,
+            "second_md": js.with_suffix(".md").read_text()}
+
+
+def by_key(res):
+    return {(p["model"], p["batch"], p["context"]): p for p in res["points"]}
+
+
+def test_budget_leaves_later_teacher_points_not_run(runs):
+    assert runs["rc"][0] == 0
+    res = runs["first"]
+    assert res["gate"]["passed"] is True and "left-padded" in res["gate"]["what"]
+    assert "first 2 layers" in res["model"] and res["settings"]["decode_steps"] == 8
+    pts = by_key(res)
+    assert set(pts) == GRID
+    ok = {k for k, p in pts.items() if p["status"] == "ok"}
+    assert ok == {k for k in GRID if k[0] == "hybrid"} | {("teacher", 1, 96)}
+    for k in GRID - ok:
+        assert pts[k]["status"] == "not run"
+        m = re.fullmatch(r"estimated (\d+) s > budget 0\.001 s", pts[k]["reason"])
+        assert m and int(m.group(1)) >= 0, pts[k]["reason"]
+        assert f"teacher B={k[1]} T={k[2]}: not run: estimated" in runs["first_md"]
+    assert [(r["batch"], r["context"]) for r in res["ratios"]] == [(1, 96)]
+
+
+def test_resume_measures_only_the_missing_points(runs):
+    assert runs["rc"][1] == 0
+    first, second = by_key(runs["first"]), by_key(runs["second"])
+    assert [r["run"] for r in runs["second"]["runs"]] == [1, 2]
+    for k, p in first.items():
+        if p["status"] == "ok":  # kept as measured in run 1, not measured again
+            assert second[k] == p and second[k]["run"] == 1
+        else:
+            assert second[k]["run"] == 2 and second[k]["status"] == "ok"
+    assert runs["second"]["gate"]["passed"] is True and runs["second"]["gate"]["run"] == 1  # run 2 timed no hybrid
+
+
+def test_every_point_measured_with_every_field(runs):
+    res = runs["second"]
+    pts = by_key(res)
+    assert set(pts) == GRID
+    for k, p in pts.items():
+        assert p["status"] == "ok", (k, p)
+        for f in FIELDS:
+            assert isinstance(p[f], (int, float)) and not isinstance(p[f], bool), (k, f, p.get(f))
+        assert p["prefill_s"] > 0 and p["ms_per_step"] > 0 and p["prefill_peak_bytes"] > 0
+        assert p["pad"] == (24 if k[1] > 1 else 0)
+        assert p["cache_type"] == ("HybridCache" if k[0] == "hybrid" else "DynamicCache")
+        assert isinstance(p["decode_delta_bytes"], int)
+    for B in (1, 2):  # the hybrid cache does not grow with the context, the KV cache does
+        assert pts[("hybrid", B, 96)]["cache_bytes"] == pts[("hybrid", B, 160)]["cache_bytes"]
+        assert pts[("teacher", B, 160)]["cache_bytes"] > pts[("teacher", B, 96)]["cache_bytes"]
+        for T in (96, 160):  # the hybrid's target: constant memory while decoding
+            assert abs(pts[("hybrid", B, T)]["decode_delta_bytes"]) < 2**20
+    assert sorted((r["batch"], r["context"]) for r in res["ratios"]) == [(1, 96), (1, 160), (2, 96), (2, 160)]
+    for r in res["ratios"]:
+        assert all(r[k] is not None and r[k] > 0 for k in ("prefill_s", "ms_per_step", "prefill_peak_bytes"))
+    assert res["memory_method"].startswith("peak RSS (VmHWM")
+    assert res["positions"]["native"] == 8192 and res["torch"] and res["transformers"] and res["git_commit"]
+
+
+def test_markdown_report(runs):
+    md = runs["second_md"]
+    assert md.startswith("# Long context: SmolLM2-135M-Instruct")
+    assert "gate: passed" in md and "untrained" in md and "RoPE extrapolates" in md
+    for B in (1, 2):
+        section = md.split(f"## B = {B}\n")[1].split("\n## ")[0]
+        rows = [ln for ln in section.splitlines() if ln.startswith("| 96 ") or ln.startswith("| 160 ")]
+        assert len(rows) == 6, section  # per T: hybrid, teacher, hybrid / teacher
+        assert sum("| hybrid / teacher |" in r for r in rows) == 2
+    assert "Not run" not in md
+
+
+def test_resume_refuses_other_settings(bench, runs):
+    with pytest.raises(SystemExit, match="other settings"):
+        bench.main(["--smoke", "--device", "cpu", "--resume", "--decode-steps", "4", "--out", str(runs["out"])])
+
+
+def test_failing_gate_times_nothing(bench, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "run_gate_worker", lambda spec: {"passed": False, "what": "forced failure"})
+    monkeypatch.setattr(bench, "run_worker", lambda spec: pytest.fail("a point was timed after a failed gate"))
+    assert bench.main(["--smoke", "--device", "cpu", "--out", str(tmp_path)]) == 1
+    (js,) = tmp_path.glob("long_context_cpu_*.json")
+    res = json.loads(js.read_text())
+    assert res["points"] == [] and res["gate"]["passed"] is False
+    assert "gate: FAILED" in js.with_suffix(".md").read_text()
+
+
+def test_cpu_peak_probe_sees_a_known_allocation(bench):
+    try:
+        probe = bench.CpuMemory()
+    except OSError as e:
+        pytest.skip(f"no /proc/self/clear_refs here: {e}")
+    base = probe.current()
+    probe.reset_peak()
+    x = torch.ones(50 * 2**20)  # 200 MiB of float32, every page touched
+    del x
+    grown = probe.peak() - base
+    assert 195 * 2**20 < grown < 240 * 2**20, grown / 2**20
+    assert probe.current() - base < 20 * 2**20  # freed and given back: not held any more
+    probe.reset_peak()
+    assert probe.peak() - base < 20 * 2**20  # the reset forgets the earlier peak
+
+
+def test_step_clock_times_steps_without_the_memory_reads(bench, monkeypatch):
+    """Prefill = start -> first logits; a step = from the clock's return to the next logits, so the probe's
+    reads (which cost 1 s each on this fake clock) are not in any time."""
+    now = [100.0]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
+
+    class Probe:
+        def current(self):
+            now[0] += 1.0
+            return 1000 * len(clock.stamps)
+
+        def peak(self):
+            now[0] += 1.0
+            return 5000 + len(clock.stamps)
+
+        def reset_peak(self):
+            now[0] += 1.0
+
+    steps = 4
+    clock = bench.MemoryStepClock(torch.device("cpu"), Probe(), steps)
+    t0 = now[0]
+    now[0] += 5.0  # the prefill forward
+    clock(None, None)
+    for _ in range(steps):
+        now[0] += 0.25  # a decode forward
+        clock(None, None)
+    assert clock.prefill_s(t0) == 5.0 and clock.step_s() == [0.25] * steps
+    assert clock.mem == {"prefill_peak": 5001, "after_prefill": 1000, "step1": 2000, "stepN": 5000,
+                         "decode_peak": 5005}
