@@ -7,6 +7,7 @@ kernels use one autotune config, because multi-config autotuning needs a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -27,17 +28,28 @@ def block_size(n: int, minimum: int = 16) -> int:
     return max(minimum, triton.next_power_of_2(max(int(n), 1)))
 
 
-def check_runnable(*tensors: torch.Tensor) -> None:
-    """Triton needs CUDA tensors, or CPU tensors under the interpreter."""
-    dev = tensors[0].device
-    for t in tensors:
-        if t.device != dev:
-            raise ValueError(f"all tensors must be on one device, got {dev} and {t.device}")
+def check_runnable(**tensors: torch.Tensor) -> None:
+    """Triton needs every tensor on one device: CUDA, or CPU under the interpreter. Keyword names
+    are the arguments' names (the first one sets the device), so the error names the culprit."""
+    (first, dev), *rest = ((name, t.device) for name, t in tensors.items())
+    for name, d in rest:
+        if d != dev:
+            raise ValueError(f"{name}: expected device {dev} (the device of {first}), got {d}")
     if dev.type != "cuda" and not interpreting():
         raise ValueError(
-            f"the triton backend needs CUDA tensors (got device {dev}); use backend='torch' on CPU "
+            f"{first}: the triton backend needs CUDA tensors (got device {dev}); use backend='torch' on CPU "
             "or set TRITON_INTERPRET=1 before importing triton"
         )
+
+
+def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make `device` current for a kernel launch: Triton launches on the *current* CUDA device, so a
+    layer placed on cuda:1 (`device_map="auto"`) would otherwise run on cuda:0's stream with cuda:1
+    pointers. Every launch site wraps its launch in `with device_guard(<its tensors' device>):`.
+    A no-op for CPU tensors (the interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def compute_dtype(x: torch.Tensor, name: str = "q") -> torch.dtype:

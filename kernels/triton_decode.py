@@ -27,6 +27,7 @@ Steps 1-2 read the ring before step 3 overwrites a slot, so no program races wit
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +35,7 @@ import triton
 import triton.language as tl
 
 from .reference import KERNEL_MODES
-from .triton_common import LOG2E, block_size, check_runnable, compute_dtype
+from .triton_common import LOG2E, block_size, check_runnable, compute_dtype, device_guard
 
 
 @dataclass
@@ -261,7 +262,9 @@ def hybrid_decode_triton(
     slot, position += 1. Returns y [B, H, 1, D] in q's dtype. No autograd (inference only)."""
     lin_window = _check(q, k, v, phi_q, phi_k, gamma, alpha, cache, mode, linear_covers_window, phi_k_evict,
                         key_valid, update_cache)
-    check_runnable(q, k, v, phi_q, phi_k, cache.k_win, cache.S)
+    tensors = dict(q=q, k=k, v=v, phi_q=phi_q, phi_k=phi_k, gamma=gamma, alpha=alpha, phi_k_evict=phi_k_evict,
+                   **{f"cache.{f.name}": getattr(cache, f.name) for f in dataclasses.fields(cache)})
+    check_runnable(**{name: t for name, t in tensors.items() if t is not None})
     dtype = compute_dtype(q)
     B, H, _, DK = q.shape
     Hkv, W1, DV = cache.k_win.shape[1], cache.k_win.shape[2], cache.v_win.shape[-1]
@@ -272,7 +275,7 @@ def hybrid_decode_triton(
     y = torch.empty(B, H, 1, DV, dtype=dtype, device=dev)
     fkw = cache.phi_k_win
     fke = phi_k_evict.to(dtype).contiguous() if phi_k_evict is not None else phi_k
-    with torch.no_grad():
+    with torch.no_grad(), device_guard(dev):
         _hybrid_decode_kernel[(B * H,)](
             q.contiguous(), k.to(dtype).contiguous(), v.to(dtype).contiguous(), phi_q.to(dtype).contiguous(),
             phi_k.to(dtype).contiguous(), new_valid, cache.k_win, cache.v_win, cache.valid,

@@ -45,6 +45,7 @@ from .triton_common import (
     block_size,
     check_runnable,
     compute_dtype,
+    device_guard,
     interpreting,
     load_rows,
     load_rows_t,
@@ -565,14 +566,15 @@ def _forward(plan: _Plan, q, k, v, phi_q, phi_k, valid, gamma, alpha, S0, z0):
         S0 = z0 = S_out
     bv = _v_block(plan)
     grid = (triton.cdiv(plan.DV, bv), B * H)
-    _hybrid_fwd_kernel[grid](
-        q, k, v, phi_q, phi_k, valid, gamma, alpha, S0, z0,
-        y, m, idx, den, lin_den, S_out, z_out,
-        Tq, plan.Tk, H, plan.Hkv, plan.window, plan.shift, plan.state_end, plan.scale * LOG2E,
-        DK=plan.DK, DV=plan.DV, FD=plan.FD, BDK=block_size(plan.DK), BF=block_size(plan.FD), BV=bv,
-        C=plan.chunk, NT=plan.nt, HAS_WIN=plan.has_win, HAS_LIN=plan.has_lin,
-        FOLD_STATE=plan.fold_state, HAS_INIT=has_init, RETURN_STATE=plan.return_state, IEEE=plan.ieee,
-    )
+    with device_guard(dev):
+        _hybrid_fwd_kernel[grid](
+            q, k, v, phi_q, phi_k, valid, gamma, alpha, S0, z0,
+            y, m, idx, den, lin_den, S_out, z_out,
+            Tq, plan.Tk, H, plan.Hkv, plan.window, plan.shift, plan.state_end, plan.scale * LOG2E,
+            DK=plan.DK, DV=plan.DV, FD=plan.FD, BDK=block_size(plan.DK), BF=block_size(plan.FD), BV=bv,
+            C=plan.chunk, NT=plan.nt, HAS_WIN=plan.has_win, HAS_LIN=plan.has_lin,
+            FOLD_STATE=plan.fold_state, HAS_INIT=has_init, RETURN_STATE=plan.return_state, IEEE=plan.ieee,
+        )
     return y, m, idx, den, lin_den, S_out, z_out
 
 
@@ -593,20 +595,22 @@ def _backward(plan: _Plan, dy, q, k, v, phi_q, phi_k, gamma, alpha, valid, S0, z
         IEEE=plan.ieee,
     )
     dims = (Tq, Tk, H, Hkv, plan.window, plan.shift, plan.scale * LOG2E, plan.scale)
-    _hybrid_bwd_dq_kernel[(B * H,)](
-        q, k, v, phi_q, phi_k, valid, gamma, alpha, S0 if has_init else den, z0 if has_init else den,
-        y, dy, m, idx, den, dq, dphi_q, dc, delta, r_win, r_lin, *dims, HAS_INIT=has_init, **meta,
-    )
+    with device_guard(dev):
+        _hybrid_bwd_dq_kernel[(B * H,)](
+            q, k, v, phi_q, phi_k, valid, gamma, alpha, S0 if has_init else den, z0 if has_init else den,
+            y, dy, m, idx, den, dq, dphi_q, dc, delta, r_win, r_lin, *dims, HAS_INIT=has_init, **meta,
+        )
     # GQA: every query head writes its own fp32 dk/dv slice (no atomics); summed over the group below
     groups = H // Hkv
     buf_dtype = torch.float32 if groups > 1 else k.dtype
     dk_buf = torch.empty(B, H, Tk, plan.DK, dtype=buf_dtype, device=dev)
     dv_buf = torch.empty(B, H, Tk, plan.DV, dtype=buf_dtype, device=dev)
     dphi_k = torch.empty_like(phi_k)
-    _hybrid_bwd_dkv_kernel[(B * H,)](
-        q, k, v, phi_q, phi_k, valid, gamma, alpha, y, dy, m, idx, den, dc, delta,
-        dk_buf, dv_buf, dphi_k, *dims, **meta,
-    )
+    with device_guard(dev):
+        _hybrid_bwd_dkv_kernel[(B * H,)](
+            q, k, v, phi_q, phi_k, valid, gamma, alpha, y, dy, m, idx, den, dc, delta,
+            dk_buf, dv_buf, dphi_k, *dims, **meta,
+        )
     if groups > 1:
         dk_buf = dk_buf.view(B, Hkv, groups, Tk, plan.DK).sum(2).to(k.dtype)
         dv_buf = dv_buf.view(B, Hkv, groups, Tk, plan.DV).sum(2).to(v.dtype)
@@ -706,7 +710,7 @@ def hybrid_attention_triton(
     y, [lin_den, den], [(S, z)]; a single tensor when neither flag is set.
     """
     _check_inputs(q, k, v, phi_q, phi_k, gamma, alpha, window, mode, key_valid, initial_state, chunk_size)
-    check_runnable(q, k, v, phi_q, phi_k)
+    check_runnable(q=q, k=k, v=v, phi_q=phi_q, phi_k=phi_k)
     dtype = compute_dtype(q)
     B, H, Tq, _ = q.shape
     Tk = k.shape[2]

@@ -208,3 +208,31 @@ def test_generate_on_cuda_runs_the_fused_decode_kernel(dtype, monkeypatch):
     first = min(i for i in range(24) if i == 23 or not torch.equal(out.sequences[:, 40 + i], ref.sequences[:, 40 + i]))
     for i in range(first + 1):  # logits agree up to the first token where the two paths pick differently
         compare(dtype, out.scores[i].float(), ref.scores[i].double(), scale=1.0)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_kernels_run_on_the_tensors_device_not_the_current_one():
+    """Issue 11 (device_map="auto"): tensors on cuda:1 while cuda:0 is current give the results of
+    the same call on cuda:0 (forward, backward, decode step)."""
+    from hf_hybrid_attn.kernels.triton_decode import DecodeCache, hybrid_decode_triton
+    from hf_hybrid_attn.kernels.triton_hybrid import hybrid_attention_triton
+
+    x, valid, state = inputs(300, torch.bfloat16, pad=(5, 0), init=True)
+    results = {}
+    for dev in ("cuda:0", "cuda:1"):
+        torch.cuda.set_device(0)
+        xd = {n: t.to(dev).requires_grad_() for n, t in x.items()}
+        st = tuple(s.to(dev) for s in state)
+        y, prefill = hybrid_attention_triton(**{n: t[:, :, :299] if t.dim() == 4 else t for n, t in xd.items()},
+                                             window=64, scale=D**-0.5, key_valid=valid[:, :299].to(dev),
+                                             initial_state=st, return_state=True)
+        grads = torch.autograd.grad(y, list(xd.values()), torch.ones_like(y), allow_unused=True)
+        cache = DecodeCache.from_prefill(xd["k"][:, :, :299].detach(), xd["v"][:, :, :299].detach(), prefill, 64,
+                                         phi_k=xd["phi_k"][:, :, :299].detach())
+        step = {n: xd[n][:, :, 299:].detach() for n in ("q", "k", "v", "phi_q", "phi_k")}
+        y_step = hybrid_decode_triton(**step, gamma=xd["gamma"].detach(), alpha=xd["alpha"].detach(), cache=cache,
+                                      scale=D**-0.5)
+        torch.cuda.synchronize(dev)
+        results[dev] = [t.cpu() for t in (y, *[g for g in grads if g is not None], y_step, cache.S)]
+    for a, b in zip(results["cuda:0"], results["cuda:1"]):
+        assert torch.equal(a, b)

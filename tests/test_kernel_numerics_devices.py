@@ -1,0 +1,212 @@
+"""Issue 11 ("long context for real"), kernel and training items, on CPU.
+
+- every Triton launch runs under `device_guard(<its tensors' device>)` (multi-GPU `device_map`), and
+  a converted model dispatched with a per-layer `device_map` equals the undispatched one;
+- the state read-outs stay fp32: fp16 inputs whose state S exceeds fp16's 65504 give finite,
+  correct outputs and gradients (the interpreter's fp16 dots are faithful: fp16 operands, fp32
+  accumulation; its bf16 is not, see KERNELS.md);
+- NT (explicit key tiles, a constexpr) is rounded up to a power of two: exact for windows that share
+  a rounded NT, and a window sweep compiles one NT per power of two;
+- the Triton entry validates once (shared `dispatch.validate_inputs` when called directly);
+- stage 1 trains a bf16 model's hybrid parameters as fp32 master weights.
+
+Triton runs in its CPU interpreter here (fp32 and fp16 only), as in test_triton_kernels.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+# As in test_triton_kernels.py: the interpreter must be on before triton is first imported.
+_CPU_ONLY = not torch.cuda.is_available()
+_INTERPRET_PRESET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+INTERPRETER_UNAVAILABLE = _CPU_ONLY and "triton" in sys.modules and not _INTERPRET_PRESET
+if _CPU_ONLY:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+from test_triton_kernels import DEVICE, D, make_inputs  # noqa: E402
+
+import hf_hybrid_attn as hha  # noqa: E402
+import hf_hybrid_attn.kernels.triton_common as triton_common  # noqa: E402
+import hf_hybrid_attn.kernels.triton_decode as triton_decode  # noqa: E402
+import hf_hybrid_attn.kernels.triton_hybrid as triton_hybrid  # noqa: E402
+from conftest import randomize_mixers, tiny_model  # noqa: E402
+from hf_hybrid_attn.kernels.triton_decode import DecodeCache, hybrid_decode_triton  # noqa: E402
+from hf_hybrid_attn.kernels.triton_hybrid import hybrid_attention_triton  # noqa: E402
+
+FP16_MAX = torch.finfo(torch.float16).max  # 65504
+
+
+@pytest.fixture(autouse=True)
+def _in_process_interpreter(request):
+    if INTERPRETER_UNAVAILABLE and request.node.name != "test_suite_in_subprocess":
+        pytest.skip("triton was imported before TRITON_INTERPRET=1: covered by test_suite_in_subprocess")
+
+
+@pytest.mark.skipif(not INTERPRETER_UNAVAILABLE, reason="the interpreter tests run in this process")
+def test_suite_in_subprocess():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__),
+           "-k", "not test_suite_in_subprocess"]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    summary = run.stdout.strip().splitlines()[-1:] or [""]
+    assert run.returncode == 0 and " passed" in summary[0] and "skipped" not in summary[0], (
+        run.stdout[-4000:] + run.stderr[-2000:]
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# launch recorder: which kernel ran, on which tensors' device, under which device guard, with which NT
+# ---------------------------------------------------------------------------------------------
+KERNELS = {
+    triton_hybrid: ("_hybrid_fwd_kernel", "_hybrid_bwd_dq_kernel", "_hybrid_bwd_dkv_kernel"),
+    triton_decode: ("_hybrid_decode_kernel",),
+}
+
+
+class _Kernel:
+    """Stands in for a Triton kernel: `kernel[grid](*args, **constexprs)` is recorded, then run
+    (unless dry: the outputs stay uninitialised, enough to count what would be compiled)."""
+
+    def __init__(self, launches: Launches, name: str, real, dry: bool):
+        self.launches, self.name, self.real, self.dry = launches, name, real, dry
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            device = next(a.device for a in args if isinstance(a, torch.Tensor))
+            active = self.launches.active[-1] if self.launches.active else None
+            self.launches.rows.append(dict(kernel=self.name, device=device, guard=active, NT=kwargs.get("NT")))
+            if not self.dry:
+                self.real[grid](*args, **kwargs)
+
+        return launch
+
+
+class Launches:
+    def __init__(self, monkeypatch, dry: bool = False, guards: bool = True):
+        self.rows: list[dict] = []
+        self.active: list[torch.device] = []  # device guards entered and not left yet
+        for module, names in KERNELS.items():
+            for name in names:
+                monkeypatch.setattr(module, name, _Kernel(self, name, getattr(module, name), dry))
+            if guards:  # raising=True (the default): a module that has no device_guard fails here
+                monkeypatch.setattr(module, "device_guard", self.guard)
+
+    @contextlib.contextmanager
+    def guard(self, device: torch.device):
+        with triton_common.device_guard(device):  # the real guard still runs
+            self.active.append(device)
+            try:
+                yield
+            finally:
+                self.active.pop()
+
+    def kernels(self) -> set[str]:
+        return {r["kernel"] for r in self.rows}
+
+    def nts(self, kernel: str | None = None) -> set[int]:
+        return {r["NT"] for r in self.rows if kernel is None or r["kernel"] == kernel} - {None}
+
+
+def _on(x):
+    return {n: t.to(DEVICE) for n, t in x.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. multi-device: every launch under device_guard(<its tensors' device>)
+# ---------------------------------------------------------------------------------------------
+def test_device_guard_makes_a_cuda_device_current_and_is_a_no_op_on_cpu(monkeypatch):
+    events = []
+
+    class FakeCudaDevice:  # torch.cuda.device(d): entering makes d current
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            events.append(("enter", self.device))
+
+        def __exit__(self, *exc):
+            events.append(("exit", self.device))
+
+    monkeypatch.setattr(torch.cuda, "device", FakeCudaDevice)
+    cuda1 = torch.device("cuda", 1)
+    with triton_common.device_guard(cuda1):
+        assert events == [("enter", cuda1)]
+    assert events == [("enter", cuda1), ("exit", cuda1)]
+    events.clear()
+    with triton_common.device_guard(torch.device("cpu")):
+        pass
+    assert events == []  # CPU tensors (the interpreter): nothing to switch
+
+
+def test_every_launch_runs_under_the_guard_of_its_tensors_device(monkeypatch):
+    """Forward, both backward kernels and the decode kernel: each launch happens inside
+    device_guard(d) with d the device of the tensors it is given (a launch site without the guard
+    records None and fails)."""
+    launches = Launches(monkeypatch)
+    x, valid, state = make_inputs(Tq=70, pad=(0, 9), init=True)
+    xt = {n: t.to(DEVICE).requires_grad_() for n, t in x.items()}
+    st = tuple(s.to(DEVICE) for s in state)
+    y, prefill_state = hybrid_attention_triton(**xt, key_valid=valid.to(DEVICE), initial_state=st, window=16,
+                                               scale=D**-0.5, return_state=True)
+    y.sum().backward()
+    assert launches.kernels() == {"_hybrid_fwd_kernel", "_hybrid_bwd_dq_kernel", "_hybrid_bwd_dkv_kernel"}
+    cache = DecodeCache.from_prefill(xt["k"].detach(), xt["v"].detach(), prefill_state, 16,
+                                     key_valid=valid.to(DEVICE), phi_k=xt["phi_k"].detach())
+    for _ in range(2):
+        step = {n: xt[n].detach()[:, :, -1:] for n in ("q", "k", "v", "phi_q", "phi_k")}
+        hybrid_decode_triton(**step, gamma=xt["gamma"].detach(), alpha=xt["alpha"].detach(), cache=cache,
+                             scale=D**-0.5)
+    assert [r["kernel"] for r in launches.rows].count("_hybrid_decode_kernel") == 2
+    for row in launches.rows:
+        assert row["guard"] is not None, f"{row['kernel']} launched outside device_guard"
+        assert row["guard"] == row["device"] == torch.device(DEVICE), row
+
+
+def _set_backend(model, backend: str) -> None:
+    for _, attn in hha.iter_hybrid_attention(model):
+        attn.hybrid.backend = backend
+
+
+def test_device_map_split_model_equals_the_undispatched_one(monkeypatch):
+    """A converted model dispatched by accelerate with a per-layer device_map (two groups of layers,
+    here both on CPU: the hooks that move inputs and weights per block are the same as for cuda:0 /
+    cuda:1) runs forward and generate() through the Triton kernels and equals the undispatched
+    model; every launch is guarded with its layer's device."""
+    from accelerate import dispatch_model
+
+    torch.manual_seed(5)
+    model = hha.convert(tiny_model(num_hidden_layers=4), hha.HybridConfig(window=5, feature_dim=8))
+    randomize_mixers(model)
+    plain = copy.deepcopy(model)
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu",
+                  **{f"model.layers.{i}": "cpu" for i in range(4)}}  # group 1: layers 0-1, group 2: layers 2-3
+    dispatched = dispatch_model(model, device_map, main_device="cpu", force_hooks=True)
+    assert all(hasattr(layer, "_hf_hook") for layer in dispatched.model.layers)  # really dispatched
+    for m in (plain, dispatched):
+        _set_backend(m, "triton")
+    ids = torch.randint(3, 99, (2, 13), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    launches = Launches(monkeypatch)
+    with torch.no_grad():
+        want = plain(ids, attention_mask=mask).logits
+        got = dispatched(ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    gen = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    out_plain = plain.generate(ids, **gen)
+    out_dispatched = dispatched.generate(ids, **gen)
+    assert torch.equal(out_dispatched, out_plain)
+    assert launches.kernels() == {"_hybrid_fwd_kernel", "_hybrid_decode_kernel"}  # prefill + fused decode
+    assert all(r["guard"] == r["device"] == torch.device("cpu") for r in launches.rows)
+
+
