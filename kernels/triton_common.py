@@ -79,6 +79,19 @@ def mm(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def mm_state(a, b, IEEE: tl.constexpr):
+    """A read-out of the fp32 state (phi_q.S, g.S^T): both operands stay fp32, never narrowed to the
+    input dtype (the state grows with T and overflows fp16's 65504 at long T). Exact under IEEE,
+    else TF32 tensor cores: fp32's range with fp16's 10-bit mantissa, and more precise than the bf16
+    operands of the other dots."""
+    if IEEE:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
+    return out
+
+
+@triton.jit
 def load_rows(ptr, base, rows, row_ok, offs, width, ROW_STRIDE: tl.constexpr):
     """Load a [len(rows), len(offs)] tile of a row-major [T, ROW_STRIDE] matrix; zeros off-range."""
     mask = row_ok[:, None] & (offs[None, :] < width)

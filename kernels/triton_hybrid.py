@@ -9,8 +9,9 @@ the keys split into
 
 with NT = 1 + ceil((w-1)/C) (2 for w <= C+1), so the window row max c_i is exact over the explicit
 tiles (no online rescaling) and ONE accumulator holds gamma*P*V + alpha*A*V + alpha*phi_q*S. The
-normaliser is summed in fp32 with tl.sum. shift = w in `hybrid`, 0 for `linear_only` and
-`linear_covers_window`. Padded keys (key_valid False) take part in neither branch nor the state.
+normaliser is summed in fp32 with tl.sum, and the state read-outs (phi_q.S forward, g.S^T backward)
+take fp32 operands (`mm_state`): S is never cast to the input dtype, where fp16 would overflow at
+long T. shift = w in `hybrid`, 0 for `linear_only` and `linear_covers_window`. Padded keys (key_valid False) take part in neither branch nor the state.
 
 Backward (exact gradient of the reference, including through the row max c_i, gamma and alpha):
   - `_hybrid_bwd_dq_kernel`: forward scan; dq, dphi_q, and per row the window gradient dc_i,
@@ -50,6 +51,7 @@ from .triton_common import (
     load_rows,
     load_rows_t,
     mm,
+    mm_state,
 )
 
 _TUNE_KEY = ["DK", "DV", "FD", "BV", "C", "NT", "HAS_WIN", "HAS_LIN", "IEEE"]
@@ -175,7 +177,7 @@ def _hybrid_fwd_kernel(
         idx = tl.full([C], -1, tl.int32)
         if HAS_LIN:
             fq = load_rows(FQ, fq_base, qrow, row_ok, offs_f, FD, FD)
-            acc += alpha * mm(fq, S.to(fq.dtype), IEEE)
+            acc += alpha * mm_state(fq, S, IEEE)  # fp32: S is never narrowed to the input dtype
             den_l += tl.sum(fq.to(tl.float32) * z[None, :], 1)
         if HAS_WIN:
             q = load_rows(Q, q_base, qrow, row_ok, offs_dk, DK, DK)
@@ -347,7 +349,7 @@ def _hybrid_bwd_dq_kernel(
             m = tl.load(M + row_base + qrow, mask=row_ok, other=0.0)
         if HAS_LIN:
             fq = load_rows(FQ, fq_base, qrow, row_ok, offs_f, FD, FD)
-            dfq += mm(gd, tl.trans(S).to(gd.dtype), IEEE) - delta[:, None] * z[None, :]
+            dfq += mm_state(g, tl.trans(S), IEEE) - delta[:, None] * z[None, :]  # fp32 g and S
         for tt in range(NT):
             t = c - NT + 1 + tt
             cols = t * C + offs_c

@@ -33,13 +33,14 @@ if _CPU_ONLY:
 
 triton = pytest.importorskip("triton")
 
-from test_triton_kernels import DEVICE, D, make_inputs  # noqa: E402
+from test_triton_kernels import DEVICE, D, check_backward, check_forward, make_inputs, run_both  # noqa: E402
 
 import hf_hybrid_attn as hha  # noqa: E402
 import hf_hybrid_attn.kernels.triton_common as triton_common  # noqa: E402
 import hf_hybrid_attn.kernels.triton_decode as triton_decode  # noqa: E402
 import hf_hybrid_attn.kernels.triton_hybrid as triton_hybrid  # noqa: E402
 from conftest import randomize_mixers, tiny_model  # noqa: E402
+from hf_hybrid_attn.kernels.reference import hybrid_attention_reference  # noqa: E402
 from hf_hybrid_attn.kernels.triton_decode import DecodeCache, hybrid_decode_triton  # noqa: E402
 from hf_hybrid_attn.kernels.triton_hybrid import hybrid_attention_triton  # noqa: E402
 
@@ -208,5 +209,78 @@ def test_device_map_split_model_equals_the_undispatched_one(monkeypatch):
     assert torch.equal(out_dispatched, out_plain)
     assert launches.kernels() == {"_hybrid_fwd_kernel", "_hybrid_decode_kernel"}  # prefill + fused decode
     assert all(r["guard"] == r["device"] == torch.device("cpu") for r in launches.rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. numerics: the state read-out is fp32 (fp16's max is 65504)
+# ---------------------------------------------------------------------------------------------
+TOL_FP16 = 5e-3  # relative L2, as for fp16 in test_triton_gpu.py
+NAMES = ("q", "k", "v", "phi_q", "phi_k", "gamma", "alpha")
+
+
+def _l2(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _big_state_inputs(case: str):
+    """fp16 inputs whose linear state S = sum phi_k v^T (+ initial_state) exceeds 65504, with
+    outputs and gradients in fp16's normal range and both branches of the normaliser of similar
+    size (small phi_q), so that every gradient, dgamma and dalpha included, is well conditioned."""
+    g = torch.Generator().manual_seed(11)
+    if case == "long":  # a long sequence with large features and values: |S| ~ sqrt(T) * 24 * 48
+        x, valid, _ = make_inputs(B=1, H=2, Hkv=1, Tq=1201, pad=(17,), seed=3)
+        x["v"] = 48.0 * torch.randn(x["v"].shape, generator=g)
+        x["phi_k"] = 48.0 * torch.rand(x["phi_k"].shape, generator=g)
+        x["phi_q"] = 4e-4 * x["phi_q"]
+        init = None
+    else:  # an initial state (a cache after a long prefix) beyond fp16's range
+        x, valid, _ = make_inputs(B=2, H=2, Hkv=1, Tq=150, pad=(0, 20), seed=4)
+        x["v"] = 5.0 * x["v"]
+        x["phi_q"] = 1e-3 * x["phi_q"]
+        init = (4e4 * torch.randn(2, 2, D, D, generator=g), 1e4 * torch.rand(2, 2, D, generator=g))
+    x = {n: (t.half() if t.dim() == 4 else t) for n, t in x.items()}
+    return x, valid, init
+
+
+@pytest.mark.parametrize("case", ["long", "initial_state"])
+def test_fp16_state_beyond_fp16_range_reads_out_finite_and_correct(case):
+    x, valid, init = _big_state_inputs(case)
+    window = 32
+    kw = dict(window=window, scale=D**-0.5, key_valid=valid)
+    xt = {n: t.clone().requires_grad_() for n, t in x.items()}
+    y, (S, _) = hybrid_attention_triton(**xt, initial_state=init, return_state=True, **kw)
+    assert y.dtype == torch.float16
+    # the premise: the state the forward read out of exceeds fp16's range
+    assert S.abs().max().item() > FP16_MAX
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).half()
+    grads = torch.autograd.grad(y, list(xt.values()), dy)
+    xr = {n: t.double().requires_grad_() for n, t in x.items()}
+    y_r = hybrid_attention_reference(**xr, initial_state=None if init is None else tuple(s.double() for s in init), **kw)
+    grads_r = torch.autograd.grad(y_r, list(xr.values()), dy.double())
+    assert bool(torch.isfinite(y).all()) and _l2(y, y_r) < TOL_FP16
+    for name, got, want in zip(NAMES, grads, grads_r):
+        assert bool(torch.isfinite(got).all()), f"d{name} is not finite"
+        if name in ("gamma", "alpha"):  # sums over B*T rows of terms that nearly cancel (as on the GPU)
+            err = (got.double() - want).abs().max().item() / max(want.abs().max().item(), 1.0)
+            assert err < 5e-2, (name, err)
+        else:
+            assert _l2(got, want) < TOL_FP16, (name, _l2(got, want))
+
+
+def test_fp32_readout_dominated_by_a_large_initial_state_matches_float64():
+    """fp32 (exact dots): a large initial S (moderate z, so the normaliser stays balanced and every
+    gradient well conditioned) makes y almost all alpha phi_q.S / den: a read-out that lost range or
+    precision would show at the interpreter's fp32 tolerance, forward and backward."""
+    x, valid, _ = make_inputs(Tq=90, Tk=200, pad=(5, 0))
+    g = torch.Generator().manual_seed(9)
+    S0 = 1e6 * torch.randn(2, 4, D, D, generator=g)
+    z0 = 10.0 * torch.rand(2, 4, D, generator=g)
+    for mode in ("hybrid", "linear_only"):
+        (y, _, _), _ = run_both(x, valid, (S0, z0), window=40, scale=D**-0.5, mode=mode)
+        assert y.abs().max().item() > 1e3  # the read-out dominates (the values are O(1))
+        check_forward(x, valid, (S0, z0), window=40, scale=D**-0.5, mode=mode)
+    # (not linear_only: alpha cancels there, its true gradient is 0 and the kernel's is a difference
+    # of read-out-sized terms, so no relative tolerance can hold for dalpha in that mode)
+    check_backward(x, valid, (S0, z0), window=40, scale=D**-0.5, mode="hybrid")
 
 

@@ -210,6 +210,41 @@ def test_generate_on_cuda_runs_the_fused_decode_kernel(dtype, monkeypatch):
         compare(dtype, out.scores[i].float(), ref.scores[i].double(), scale=1.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_state_beyond_fp16_range_at_long_t(dtype):
+    """Issue 11: the fp32 state S = sum phi_k v^T passes fp16's 65504 at T = 8192 (large features and
+    values, small phi_q so both branches of the normaliser matter): the read-outs phi_q.S and g.S^T
+    stay fp32 (TF32 dots on the GPU), so outputs and gradients are finite and match the chunked
+    float64 path."""
+    from hf_hybrid_attn.kernels.chunked import hybrid_attention_chunked
+    from hf_hybrid_attn.kernels.triton_hybrid import hybrid_attention_triton
+
+    T = 8192
+    x, valid, _ = inputs(T, torch.float32, pad=(0, 300))
+    g = torch.Generator(device="cuda").manual_seed(5)
+    x["v"] = 48.0 * torch.randn(x["v"].shape, generator=g, device="cuda")
+    x["phi_k"] = 48.0 * torch.rand(x["phi_k"].shape, generator=g, device="cuda")
+    x["phi_q"] = 4e-4 * torch.rand(x["phi_q"].shape, generator=g, device="cuda")
+    x = {n: (t.to(dtype) if t.dim() == 4 else t) for n, t in x.items()}
+    kw = dict(window=64, scale=D**-0.5, key_valid=valid)
+    xt = {n: t.clone().requires_grad_() for n, t in x.items()}
+    y, (S, _) = hybrid_attention_triton(**xt, return_state=True, **kw)
+    assert S.abs().max().item() > torch.finfo(torch.float16).max
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, list(xt.values()), dy)
+    xr = {n: t.double().requires_grad_() for n, t in x.items()}
+    y_r = hybrid_attention_chunked(**xr, **kw)
+    grads_r = torch.autograd.grad(y_r, list(xr.values()), dy.double())
+    assert bool(torch.isfinite(y).all())
+    compare(dtype, y, y_r)
+    for name, got, want in zip(NAMES, grads, grads_r):
+        assert bool(torch.isfinite(got).all()), name
+        if name in ("gamma", "alpha"):
+            assert (got.double() - want).abs().max().item() < 5e-2 * max(want.abs().max().item(), 1.0), name
+            continue
+        compare(dtype, got, want)
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_kernels_run_on_the_tensors_device_not_the_current_one():
     """Issue 11 (device_map="auto"): tensors on cuda:1 while cuda:0 is current give the results of
