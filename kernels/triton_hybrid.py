@@ -7,11 +7,12 @@ the keys split into
     NT "explicit" key tiles c-NT+1 .. c   window mask (0 <= i-j < w) and linear mask (i-j >= shift)
     tiles <= c-NT                         linear part only, read out of the fp32 state (S, z)
 
-with NT = 1 + ceil((w-1)/C) (2 for w <= C+1), so the window row max c_i is exact over the explicit
-tiles (no online rescaling) and ONE accumulator holds gamma*P*V + alpha*A*V + alpha*phi_q*S. The
-normaliser is summed in fp32 with tl.sum, and the state read-outs (phi_q.S forward, g.S^T backward)
-take fp32 operands (`mm_state`): S is never cast to the input dtype, where fp16 would overflow at
-long T. shift = w in `hybrid`, 0 for `linear_only` and `linear_covers_window`. Padded keys (key_valid False) take part in neither branch nor the state.
+with NT = 1 + ceil((w-1)/C) rounded up to a power of two (2 for w <= C+1; `_explicit_tiles`), so the
+window row max c_i is exact over the explicit tiles (no online rescaling) and ONE accumulator holds
+gamma*P*V + alpha*A*V + alpha*phi_q*S. The normaliser is summed in fp32 with tl.sum, and the state
+read-outs (phi_q.S forward, g.S^T backward) take fp32 operands (`mm_state`): S is never cast to
+the input dtype, where fp16 would overflow at long T. shift = w in `hybrid`, 0 for `linear_only` and
+`linear_covers_window`. Padded keys (key_valid False) take part in neither branch nor the state.
 
 Backward (exact gradient of the reference, including through the row max c_i, gamma and alpha):
   - `_hybrid_bwd_dq_kernel`: forward scan; dq, dphi_q, and per row the window gradient dc_i,
@@ -519,8 +520,18 @@ BACKWARD_CHUNK: int | None = None
 
 
 def _explicit_tiles(window: int, chunk: int, has_win: bool, return_state: bool, shift: int) -> int:
-    """Key tiles a query chunk handles explicitly: its window, and linear keys too close for the state."""
-    return 1 + math.ceil(max(window - 1, 0) / chunk) if (has_win or return_state or shift > 0) else 1
+    """NT, the key tiles a query chunk handles explicitly (its window, and linear keys too close for
+    the state), as launched: the fewest that cover the window, 1 + ceil((w-1)/C), rounded up to a
+    power of two. NT is a constexpr (and in the autotune key), so each value is one compile; the
+    rounding makes a window schedule compile once per power of two instead of once per
+    ceil(w/C) (SSD changes w mid-training). Any NT at least the minimum gives the same result: the
+    window mask 0 <= i-j < w and the linear mask i-j >= shift are applied inside every explicit
+    tile, and the state holds exactly the tiles older than those. The price is the extra tiles:
+    none for w <= C+1 (the default w = C = 64) or w in (2C+1, 3C+1], one for w in (C+1, 2C+1], up
+    to three for w in (3C+1, 6C+1]."""
+    if not (has_win or return_state or shift > 0):
+        return 1
+    return triton.next_power_of_2(1 + math.ceil(max(window - 1, 0) / chunk))
 
 
 def _make_plan(q, k, v, phi_q, *, window, scale, mode, linear_covers_window, chunk_size, return_state) -> _Plan:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 import subprocess
 import sys
@@ -33,14 +34,14 @@ if _CPU_ONLY:
 
 triton = pytest.importorskip("triton")
 
-from test_triton_kernels import DEVICE, D, check_backward, check_forward, make_inputs, run_both  # noqa: E402
+from test_triton_kernels import DEVICE, RTOL, D, check_backward, check_forward, make_inputs, rel_err, run_both  # noqa: E402
 
 import hf_hybrid_attn as hha  # noqa: E402
 import hf_hybrid_attn.kernels.triton_common as triton_common  # noqa: E402
 import hf_hybrid_attn.kernels.triton_decode as triton_decode  # noqa: E402
 import hf_hybrid_attn.kernels.triton_hybrid as triton_hybrid  # noqa: E402
 from conftest import randomize_mixers, tiny_model  # noqa: E402
-from hf_hybrid_attn.kernels.reference import hybrid_attention_reference  # noqa: E402
+from hf_hybrid_attn.kernels.reference import hybrid_attention_reference, linear_state  # noqa: E402
 from hf_hybrid_attn.kernels.triton_decode import DecodeCache, hybrid_decode_triton  # noqa: E402
 from hf_hybrid_attn.kernels.triton_hybrid import hybrid_attention_triton  # noqa: E402
 
@@ -282,5 +283,54 @@ def test_fp32_readout_dominated_by_a_large_initial_state_matches_float64():
     # (not linear_only: alpha cancels there, its true gradient is 0 and the kernel's is a difference
     # of read-out-sized terms, so no relative tolerance can hold for dalpha in that mode)
     check_backward(x, valid, (S0, z0), window=40, scale=D**-0.5, mode="hybrid")
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. NT rounded up to a power of two: exact, and one compile per power of two
+# ---------------------------------------------------------------------------------------------
+def _minimal_nt(window: int, chunk: int) -> int:
+    return 1 + math.ceil((window - 1) / chunk)
+
+
+@pytest.mark.parametrize("window", [1, 63, 65, 100, 129, 200])
+def test_windows_sharing_a_rounded_nt_are_exact(window, monkeypatch):
+    """chunk 64: w = 100 and 129 launch NT = 4 (3 would do), w = 200 launches NT = 8 (5 would do);
+    the extra tiles are masked. Forward, backward and the decode hand-off state vs float64."""
+    launches = Launches(monkeypatch, guards=False)
+    x, valid, state = make_inputs(B=2, H=2, Hkv=1, Tq=601, pad=(0, 41), init=True)
+    check_forward(x, valid, state, window=window, scale=D**-0.5, mode="hybrid")
+    check_backward(x, valid, state, window=window, scale=D**-0.5, mode="hybrid")
+    rounded = 1 << (_minimal_nt(window, 64) - 1).bit_length()
+    assert launches.nts() == {rounded}  # the kernels really ran with the rounded NT
+    _, (S, z) = hybrid_attention_triton(**_on(x), key_valid=valid.to(DEVICE),
+                                        initial_state=tuple(s.to(DEVICE) for s in state), window=window,
+                                        scale=D**-0.5, return_state=True)
+    S_r, z_r = linear_state(x["phi_k"].double(), x["v"].double(), end=601 - (window - 1), key_valid=valid,
+                            initial_state=tuple(s.double() for s in state))
+    assert rel_err(S.cpu(), S_r) < RTOL and rel_err(z.cpu(), z_r) < RTOL
+
+
+def test_window_sweep_compiles_one_nt_per_power_of_two(monkeypatch):
+    """SSD window schedules: windows 1..300 (chunk 64) launch NT in {1, 2, 4, 8}, i.e. at most
+    1 + ceil(log2(max NT)) compiles of each kernel, where 1 + ceil((w-1)/C) would give 6 values.
+    Counted from the NT constexprs actually passed to the (dry) launches of the forward and both
+    backward kernels; each window gets the smallest power of two that covers it."""
+    launches = Launches(monkeypatch, dry=True, guards=False)
+    x, _, _ = make_inputs(B=1, H=2, Hkv=1, Tq=20)
+    windows = range(1, 301)
+    for window in windows:
+        first = len(launches.rows)
+        xt = {n: t.clone().requires_grad_() for n, t in _on(x).items()}
+        y = hybrid_attention_triton(**xt, window=window, scale=D**-0.5)
+        y.backward(torch.zeros_like(y))
+        rows = launches.rows[first:]
+        assert [r["kernel"] for r in rows] == list(KERNELS[triton_hybrid])
+        assert {r["NT"] for r in rows} == {1 << (_minimal_nt(window, 64) - 1).bit_length()}, window
+    minimal = {_minimal_nt(w, 64) for w in windows}
+    assert len(minimal) == 6
+    for kernel in KERNELS[triton_hybrid]:
+        nts = launches.nts(kernel)
+        assert nts == {1, 2, 4, 8}, (kernel, nts)
+        assert len(nts) <= 1 + math.ceil(math.log2(max(minimal)))
 
 
