@@ -589,6 +589,11 @@ def collect_t3(logs: Path, dry: bool) -> dict:
     statuses = [s["status"] for s in steps.values()]
     if gen and not gen.get("gate", {}).get("passed", False):
         statuses.append("FAIL")
+    for res in long_ctx.get("results", {}).values():
+        if isinstance(res, dict) and res.get("gate") and not res["gate"].get("passed", False):
+            statuses.append("FAIL")
+        elif isinstance(res, dict) and res.get("interrupted"):
+            statuses.append("partial (interrupted)")
     if teacher_note.exists():
         statuses.append("skipped: teacher not present")
     elif not gen and "generate" in steps:
@@ -712,7 +717,8 @@ def run_summary(args) -> int:
                   f"- pytest -m gpu: {t1['pytest']['status']} {json.dumps(t1['pytest']['totals'])}",
                   f"- fuzz: {t1['fuzz'].get('status')}, {t1['fuzz'].get('n_cases')} cases; maximum errors per dtype "
                   f"(forward y, gradients, decode): `{json.dumps(t1['fuzz'].get('max_errors'))}`"]
-    for title, rel in (("Tier 2: kernel benchmark", "t2/bench"), ("Tier 3: generation", "t3/generate")):
+    for title, rel in (("Tier 2: kernel benchmark", "t2/bench"), ("Tier 3: generation", "t3/generate"),
+                       ("Tier 3: long context", "t3/long_context")):
         for md in sorted((logs / rel).glob("*.md")):
             lines += ["", f"## {title} ({md.name})", "", _demote(_md_excerpt(md))]
     s4 = logs / "t4" / "results" / "SUMMARY.md"

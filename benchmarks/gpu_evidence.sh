@@ -9,7 +9,7 @@
 # Options: --tiers 1,3 (run only these tiers), --budget SECONDS (total, default 540),
 #          --work DIR (scratch; default a new temp dir). Environment: PY (python; default .venv/bin/python
 #          when present, else python3), CONVERT_TOKENS_PER_S (tier 4's assumed rate per run, default 20000),
-#          LONG_CONTEXT_ARGS / LONG_CONTEXT_DRY_ARGS (for benchmarks/bench_long_context.py, once it exists).
+#          LONG_CONTEXT_ARGS / LONG_CONTEXT_DRY_ARGS (benchmarks/bench_long_context.py; GPU default: B 1, T 32k, 64 steps).
 #
 # Tiers (each with its own time budget; each writes its results file before the next starts; a failing
 # or timed-out tier is recorded and the script goes on):
@@ -333,7 +333,7 @@ tier3() {
   fi
   if [ -f benchmarks/bench_long_context.py ]; then
     local args
-    if [ "$DRY" = 1 ]; then args=${LONG_CONTEXT_DRY_ARGS:---smoke}; else args=${LONG_CONTEXT_ARGS:-}; fi
+    if [ "$DRY" = 1 ]; then args=${LONG_CONTEXT_DRY_ARGS:---smoke}; else args=${LONG_CONTEXT_ARGS:---batch 1 --context 32768 --decode-steps 64 --teacher-budget-s 20}; fi
     # shellcheck disable=SC2086
     step t3 long_context $(( end - $(date +%s) )) "$PY" benchmarks/bench_long_context.py $args --out "$d/long_context"
   else
