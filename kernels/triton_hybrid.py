@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import KERNEL_MODES
+from . import dispatch
 from .triton_common import (
     LOG2E,
     autotune_configs,
@@ -655,41 +655,20 @@ class _HybridAttentionFn(torch.autograd.Function):
         return (*grads, None, None, None, None)
 
 
-def _check_inputs(q, k, v, phi_q, phi_k, gamma, alpha, window, mode, key_valid, initial_state, chunk_size):
-    if mode not in KERNEL_MODES:
-        raise ValueError(f"mode must be one of {KERNEL_MODES}, got {mode!r}")
-    for name, x in (("q", q), ("k", k), ("v", v), ("phi_q", phi_q), ("phi_k", phi_k)):
-        if x.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [B, heads, T, dim], got shape {tuple(x.shape)}")
-    B, H, Tq, _ = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
-    if k.shape[:3] != v.shape[:3] or k.shape[0] != B:
-        raise ValueError(f"k and v must be [B={B}, Hkv, Tk, D], got {tuple(k.shape)} and {tuple(v.shape)}")
-    if Hkv < 1 or H % Hkv:
-        raise ValueError(f"the number of query heads ({H}) must be a multiple of the kv heads ({Hkv})")
-    if not 1 <= Tq <= Tk:
-        raise ValueError(f"need 1 <= Tq <= Tk (queries are the last Tq keys), got Tq={Tq}, Tk={Tk}")
-    if phi_q.shape[:3] != (B, H, Tq):
-        raise ValueError(f"phi_q must be [B, H, Tq, F] = [{B}, {H}, {Tq}, F], got {tuple(phi_q.shape)}")
-    if phi_k.shape != (B, H, Tk, phi_q.shape[-1]):
-        raise ValueError(f"phi_k must be [B, H, Tk, F] = [{B}, {H}, {Tk}, {phi_q.shape[-1]}], got {tuple(phi_k.shape)}")
-    for name, x in (("gamma", gamma), ("alpha", alpha)):
-        if x.numel() != H:
-            raise ValueError(f"{name} must have one value per query head ({H}), got shape {tuple(x.shape)}")
-    if window < (0 if mode == "linear_only" else 1):
-        raise ValueError(f"window must be >= 1 for mode {mode!r}, got {window}")
-    if key_valid is not None and tuple(key_valid.shape) != (B, Tk):
-        raise ValueError(f"key_valid must be [B, Tk] = [{B}, {Tk}], got {tuple(key_valid.shape)}")
+def _check_triton_inputs(q, k, v, phi_q, phi_k, gamma, alpha, initial_state, chunk_size) -> torch.dtype:
+    """What only this backend needs, on top of `dispatch.validate_inputs` (the shared contract):
+    one device for every tensor the kernels read, CUDA (or the interpreter), a supported dtype, at
+    least one query, a power-of-two chunk. Returns the compute dtype (q's)."""
+    named = dict(q=q, k=k, v=v, phi_q=phi_q, phi_k=phi_k, gamma=gamma, alpha=alpha)  # (key_valid is moved)
     if initial_state is not None:
-        S0, z0 = initial_state
-        F_, DV = phi_q.shape[-1], v.shape[-1]
-        if tuple(S0.shape) != (B, H, F_, DV) or tuple(z0.shape) != (B, H, F_):
-            raise ValueError(
-                f"initial_state must be (S [B,H,F,D]={[B, H, F_, DV]}, z [B,H,F]={[B, H, F_]}), "
-                f"got {tuple(S0.shape)} and {tuple(z0.shape)}"
-            )
-    if chunk_size < 16 or chunk_size & (chunk_size - 1):
-        raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size}")
+        named["initial_state[0]"], named["initial_state[1]"] = initial_state
+    check_runnable(**named)
+    dtype = compute_dtype(q)
+    if q.shape[2] < 1:
+        raise ValueError(f"q: expected at least one query, got shape {tuple(q.shape)}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 16 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size!r}")
+    return dtype
 
 
 def hybrid_attention_triton(
@@ -710,6 +689,7 @@ def hybrid_attention_triton(
     return_stats: bool = False,
     chunk_size: int = 64,
     return_state: bool = False,
+    _validated: bool = False,
 ):
     """Triton hybrid attention with the contract of `reference.hybrid_attention_reference`.
 
@@ -721,10 +701,15 @@ def hybrid_attention_triton(
     also (S [B,H,F,D], z [B,H,F]) fp32 = initial_state + sums over the valid keys
     j < Tk - (window - 1), i.e. all but the last window-1 keys (the decode cache hand-off). Order:
     y, [lin_den, den], [(S, z)]; a single tensor when neither flag is set.
+
+    Inputs are checked once: the shared `dispatch.validate_inputs` (shapes, dtypes, mode, window;
+    one error naming the argument), then what only Triton needs. `dispatch.hybrid_attention`,
+    which has already run the shared check, passes `_validated=True` to skip it here.
     """
-    _check_inputs(q, k, v, phi_q, phi_k, gamma, alpha, window, mode, key_valid, initial_state, chunk_size)
-    check_runnable(q=q, k=k, v=v, phi_q=phi_q, phi_k=phi_k)
-    dtype = compute_dtype(q)
+    if not _validated:
+        dispatch.validate_inputs(q, k, v, phi_q, phi_k, gamma, alpha, window=window, mode=mode,
+                                 key_valid=key_valid, initial_state=initial_state)
+    dtype = _check_triton_inputs(q, k, v, phi_q, phi_k, gamma, alpha, initial_state, chunk_size)
     B, H, Tq, _ = q.shape
     Tk = k.shape[2]
     plan = _make_plan(q, k, v, phi_q, window=window, scale=scale, mode=mode,
