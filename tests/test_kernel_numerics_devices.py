@@ -394,3 +394,132 @@ def test_dispatch_validates_once(shared_checks):
     assert len(shared_checks) == 1
 
 
+# ---------------------------------------------------------------------------------------------
+# 3. a bf16 model's hybrid parameters train as fp32 master weights
+# ---------------------------------------------------------------------------------------------
+def _peaked_teacher(dtype):
+    """Tiny Llama with peaked softmax attention (scaled q/k projections), in `dtype`."""
+    torch.manual_seed(0)
+    base = tiny_model()
+    with torch.no_grad():
+        for layer in base.model.layers:
+            layer.self_attn.q_proj.weight.mul_(15)
+            layer.self_attn.k_proj.weight.mul_(15)
+    return base.to(dtype)
+
+
+class _RecordingAdamW(torch.optim.AdamW):
+    """AdamW that keeps, for every step, the parameters before and after (fp32 copies)."""
+
+    instances: list = []
+
+    def __init__(self, params, **kw):
+        super().__init__(params, **kw)
+        self.steps: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
+        _RecordingAdamW.instances.append(self)
+
+    def step(self, closure=None):
+        params = [p for group in self.param_groups for p in group["params"]]
+        before = [p.detach().clone() for p in params]
+        out = super().step(closure)
+        self.steps.append((before, [p.detach().clone() for p in params]))
+        return out
+
+
+@pytest.fixture
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.usefixtures("_one_thread")
+def test_bf16_stage1_trains_fp32_master_weights_and_keeps_sub_ulp_updates(monkeypatch):
+    from hf_hybrid_attn.training.transfer import TransferConfig, train_attention_transfer
+
+    monkeypatch.setattr(torch.optim, "AdamW", _RecordingAdamW)
+    _RecordingAdamW.instances = []
+    model = hha.convert(_peaked_teacher(torch.bfloat16), window=4, feature_dim=8)
+    hybrid = {n: p for n, p in model.named_parameters() if ".hybrid." in n}
+    assert {p.dtype for p in hybrid.values()} == {torch.bfloat16}  # converted in the model's dtype
+    init = {n: p.detach().clone() for n, p in hybrid.items()}
+    data = torch.randint(3, 99, (16, 32), generator=torch.Generator().manual_seed(7))
+    # lr 1e-3: each AdamW step moves a weight by about 1e-3, under half a bf16 ulp at 1.0 (2^-9)
+    cfg = TransferConfig(max_steps=10, batch_size=2, grad_accum=1, lr=1e-3, max_grad_norm=None)
+    train_attention_transfer(model, data, cfg, progress=False)
+
+    (opt,) = _RecordingAdamW.instances
+    assert len(opt.steps) == 10 and len(opt.steps[0][0]) == len(hybrid)
+    assert {t.dtype for before, after in opt.steps for t in before + after} == {torch.float32}  # while training
+    before, after = opt.steps[0]
+    kept = 0
+    for b, a in zip(before, after):
+        delta = a - b
+        rounds_back = a.to(torch.bfloat16).float() == b  # a bf16 weight would not have moved
+        kept += int(((delta != 0) & rounds_back).sum())
+    assert kept > 0  # updates below bf16's resolution are kept by the fp32 master weights
+    # the model comes back in its dtype; 10 sub-ulp steps added up and moved identity entries (1.0),
+    # which AdamW on bf16 weights leaves at exactly 1.0 forever at this lr
+    moved = 0
+    for n, p in hybrid.items():
+        assert p.dtype == torch.bfloat16, n
+        if "feature_map" in n:
+            ones = init[n] == 1.0
+            moved += int((p.detach()[ones] != 1.0).sum())
+    assert moved > 0
+
+
+class _OptimizerDtypes:
+    """Trainer callback: the dtypes of the hybrid parameters in the stage-2 optimizer."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        outer = self
+        self.dtypes: set = set()
+
+        class Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, optimizer=None, model=None, **kwargs):
+                names = {id(p): n for n, p in model.named_parameters()}
+                for group in optimizer.param_groups:
+                    for p in group["params"]:
+                        if ".hybrid." in names.get(id(p), ""):
+                            outer.dtypes.add(p.dtype)
+
+        self.callback = Callback()
+
+
+@pytest.mark.usefixtures("_one_thread")
+def test_recipe_in_bf16_trains_fp32_mixers_in_both_stages_and_saves_bf16(monkeypatch, tmp_path):
+    """run_recipe on a bf16 model: fp32 hybrid parameters in the stage-1 optimizer and in the
+    stage-2 Trainer's (train_feature_maps), and the saved checkpoint is bf16 as before."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_hybrid_attn.training.data import PackedData
+    from hf_hybrid_attn.training.recipes import get_recipe, run_recipe
+
+    monkeypatch.setattr(torch.optim, "AdamW", _RecordingAdamW)
+    _RecordingAdamW.instances = []
+    g = torch.Generator().manual_seed(3)
+    data = PackedData(train=torch.randint(3, 99, (8, 24), generator=g), val=torch.randint(3, 99, (2, 24), generator=g),
+                      seq_len=24, info={"source": "random"})
+    recipe = get_recipe("hedgecats", **{
+        "hybrid.window": 4, "hybrid.feature_dim": 8,
+        "transfer.max_steps": 2, "transfer.batch_size": 2, "transfer.grad_accum": 1,
+        "finetune.max_steps": 2, "finetune.batch_size": 2, "finetune.grad_accum": 1, "finetune.eval_every": 2,
+        "finetune.train_feature_maps": True, "finetune.early_stopping_patience": None,
+    })
+    probe = _OptimizerDtypes()
+    model, _ = run_recipe(_peaked_teacher(torch.bfloat16), recipe, data, str(tmp_path / "run"), progress=False,
+                          callbacks=[probe.callback], mode_eval_blocks=0)
+    stage1 = _RecordingAdamW.instances[0]
+    assert len(stage1.steps) == 2
+    assert {t.dtype for before, after in stage1.steps for t in before + after} == {torch.float32}
+    assert probe.dtypes == {torch.float32}
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}  # the model keeps its dtype
+    model.save_pretrained(tmp_path / "saved")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    for (n, p), (n2, p2) in zip(model.named_parameters(), loaded.named_parameters()):
+        assert n == n2 and torch.equal(p, p2), n

@@ -78,7 +78,9 @@ def add_convert_subparser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--num-layers", type=int, default=None, help="keep only the teacher's first N layers (quick runs)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any recipe field, e.g. --set finetune.lora_r=16 --set ssd.granularity=sample")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights dtype of the loaded teacher and of the saved model; the hybrid parameters "
+                        "train as fp32 master weights either way and are saved in this dtype")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for both stages (CUDA)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED)

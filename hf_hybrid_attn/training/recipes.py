@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ..config import HybridConfig
+from ..layers import HybridMixer
 from ..modeling import component_mode, convert, iter_hybrid_attention
 from .data import PackedData
 from .finetune import FinetuneConfig, finetune
@@ -192,6 +193,25 @@ def training_record(recipe: Recipe, logs: dict[str, dict], data_info: dict | Non
     }
 
 
+def hybrid_parameter_dtypes(model) -> dict[tuple[int, str], torch.dtype]:
+    """{(layer index, parameter name inside its HybridMixer): dtype} for every converted layer (the
+    names are the same through PEFT's modules_to_save copy of a mixer)."""
+    return {(idx, name): p.dtype for idx, attn in iter_hybrid_attention(model)
+            for m in attn.hybrid.modules() if isinstance(m, HybridMixer) for name, p in m.named_parameters()}
+
+
+def set_hybrid_parameter_dtypes(model, dtypes: dict[tuple[int, str], torch.dtype]) -> None:
+    """Cast the hybrid parameters in place (same Parameter objects) to `dtypes`
+    (as returned by `hybrid_parameter_dtypes`); keys absent from `dtypes` are left alone."""
+    for idx, attn in iter_hybrid_attention(model):
+        for m in attn.hybrid.modules():
+            if isinstance(m, HybridMixer):
+                for name, p in m.named_parameters():
+                    dtype = dtypes.get((idx, name))
+                    if dtype is not None and p.dtype != dtype:
+                        p.data = p.data.to(dtype)
+
+
 def kernels_used(model) -> dict[str, str]:
     """Which attention implementation the hybrid layers ran: the backend each layer's device and
     `backend` setting resolve to (training and prefill; decode steps use the fused decode kernel
@@ -225,7 +245,12 @@ def run_recipe(
 
     Checkpoints go to `out_dir/checkpoints/{stage1,stage2}`; with `resume` both stages continue from
     them (a finished stage is not redone). The returned model is merged (no PEFT) unless
-    recipe.finetune.merge is False."""
+    recipe.finetune.merge is False.
+
+    The hybrid parameters are fp32 master weights through both stages, whatever the model's dtype
+    (stage 2 trains them with `finetune.train_feature_maps`); they return to the dtype they were
+    converted in before the component-mode evaluation, so the returned (and saved) model keeps
+    its dtype."""
     recipe = split_tokens(recipe, tokens)
     if not any(True for _ in iter_hybrid_attention(model)):
         model = convert(model, HybridConfig(**recipe.hybrid))
@@ -235,18 +260,23 @@ def run_recipe(
     ckpt = os.path.join(out_dir, "checkpoints")
     logs: dict[str, dict] = {}
     t0 = time.perf_counter()
-    if recipe.transfer is not None:
-        logs["transfer"] = train_attention_transfer(
-            model, data.train, recipe.transfer, data.val, os.path.join(ckpt, "stage1"), resume, progress
-        )
-        _write_json(os.path.join(out_dir, "training_log.partial.json"), {"recipe": recipe.name, "stages": logs})
-    if recipe.finetune is not None:
-        cbs = list(callbacks or [])
-        if recipe.ssd is not None:
-            cbs.append(recipe.ssd.callback())
-        model, logs["finetune"] = finetune(
-            model, data.train, recipe.finetune, data.val, os.path.join(ckpt, "stage2"), resume, cbs, progress
-        )
+    dtypes = hybrid_parameter_dtypes(model)
+    set_hybrid_parameter_dtypes(model, {key: torch.float32 for key in dtypes})
+    try:
+        if recipe.transfer is not None:
+            logs["transfer"] = train_attention_transfer(
+                model, data.train, recipe.transfer, data.val, os.path.join(ckpt, "stage1"), resume, progress
+            )
+            _write_json(os.path.join(out_dir, "training_log.partial.json"), {"recipe": recipe.name, "stages": logs})
+        if recipe.finetune is not None:
+            cbs = list(callbacks or [])
+            if recipe.ssd is not None:
+                cbs.append(recipe.ssd.callback())
+            model, logs["finetune"] = finetune(
+                model, data.train, recipe.finetune, data.val, os.path.join(ckpt, "stage2"), resume, cbs, progress
+            )
+    finally:  # the model that came out of stage 2 (PEFT's copy replaces a trained mixer when merged)
+        set_hybrid_parameter_dtypes(model, dtypes)
     for p in model.parameters():
         p.requires_grad_(False)
     mode_losses = component_mode_losses(model, data.val[:mode_eval_blocks]) if mode_eval_blocks else None

@@ -10,6 +10,13 @@ One teacher forward per batch trains every layer at once: each converted layer g
 back-propagates that layer's loss right away (its graph never outlives the hook, so memory is one
 layer's worth), and returns the teacher output, so that the next layer sees teacher hidden
 states. The outer forward runs under `torch.no_grad()`.
+
+Master weights: the trained parameters are fp32 while training, whatever the model's dtype (e.g.
+`hf-hybrid convert --dtype bfloat16`): AdamW on bf16 weights rounds away every update smaller than
+half a bf16 ulp (2^-9 relative), which at lr 1e-2 and below is most of them. The forward casts
+them to the activations' dtype (the feature maps apply `weight.to(x.dtype)`, gamma is computed in
+fp32), and when training ends they are cast back to the dtype they came in, so the model and a
+checkpoint saved from it keep their dtype (`fp32_master_weights`).
 """
 
 from __future__ import annotations
@@ -58,7 +65,8 @@ class TransferConfig:
     attn_ce_chunk: int = 256
     """Query chunk of the attention cross-entropy (memory O(T * chunk))."""
     bf16: bool = False
-    """bf16 autocast for the teacher forward and the student (CUDA); parameters stay fp32."""
+    """bf16 autocast for the teacher forward and the student (CUDA). The trained parameters are fp32
+    master weights either way (see the module docstring)."""
     seed: int = 0
 
     def validate(self) -> None:
@@ -175,6 +183,29 @@ def transfer_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
     return named
 
 
+def fp32_master_weights(params) -> list[tuple[torch.nn.Parameter, torch.dtype]]:
+    """Turn each half-precision parameter of `params` into fp32 in place (the same Parameter object,
+    so optimizers and modules keep referring to it); returns [(parameter, its old dtype)] for
+    `restore_dtypes`. Parameters that are already fp32 are left alone, so calls nest: only the
+    outermost one restores."""
+    changed = []
+    for p in params:
+        if p.is_floating_point() and p.dtype != torch.float32:
+            changed.append((p, p.dtype))
+            p.data = p.data.float()
+            if p.grad is not None:
+                p.grad = p.grad.float()
+    return changed
+
+
+def restore_dtypes(changed: list[tuple[torch.nn.Parameter, torch.dtype]]) -> None:
+    """Undo `fp32_master_weights`: each parameter back to its old dtype (rounded once, at the end)."""
+    for p, dtype in changed:
+        p.data = p.data.to(dtype)
+        if p.grad is not None:
+            p.grad = p.grad.to(dtype)
+
+
 def _batch(data: torch.Tensor, step: int, micro: int, cfg: TransferConfig) -> torch.Tensor:
     """Rows for (step, micro): a seeded permutation per epoch, so a resumed run sees the same data."""
     n = data.shape[0]
@@ -269,6 +300,16 @@ def train_attention_transfer(
     named = transfer_parameters(model)
     params = [p for _, p in named]
     device = params[0].device
+    upcast = fp32_master_weights(params)  # before the optimizer and any resume load
+    try:
+        return _train(model, train_blocks, cfg, val_blocks, checkpoint_dir, resume, progress, layers, named, device)
+    finally:
+        restore_dtypes(upcast)
+
+
+def _train(model, train_blocks, cfg, val_blocks, checkpoint_dir, resume, progress, layers, named, device) -> dict:
+    seq_len = train_blocks.shape[1]
+    params = [p for _, p in named]
     steps = cfg.steps_for(seq_len)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # peak_cuda_mb is this stage's own
