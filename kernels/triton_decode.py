@@ -1,10 +1,10 @@
 """Fused Triton decode step for the hybrid layer: one new token per sequence.
 
-Cache layout (`DecodeCache`, one per layer), for window w and the next token at absolute position T:
+The cache is `kernels.decode.DecodeCache` (re-exported here; one definition of the layout), per
+layer, for window w and the next token at absolute position T:
 
-    k_win, v_win  [B, Hkv, w-1, D]   ring buffer of the last w-1 raw keys/values (after RoPE),
-                                      position p lives in slot p % (w-1); slots are in place, so a
-                                      step never shifts memory (CUDA-graph friendly)
+    k_win, v_win  [B, Hkv, w-1, D]   ring of the last w-1 raw keys/values (after RoPE): position p
+                                      lives in slot p % (w-1)
     valid         [B, w-1] bool       slot holds a real key (False: padding or never filled)
     phi_k_win     [B, H, w-1, F]      optional ring of phi_k (same slots); needed by modes whose
                                       linear branch also reads the window (linear_only,
@@ -15,91 +15,39 @@ Cache layout (`DecodeCache`, one per layer), for window w and the next token at 
                                       return_state=True)` returns after a prefill of T tokens
     position      [1] int64 (device)  T, advanced in place by each step
 
-One step (`hybrid_decode_triton`), one program per (batch, query head):
+One step (`hybrid_decode_triton`, the contract of `kernels.decode.hybrid_decode_torch`), one
+program per (batch, query head):
   1. attend: window = the w-1 ring slots + the new key (exact max, fp32), linear read-out of
      (S, z) (+ the window and the new key for linear_only / linear_covers_window); y = N / D;
   2. fold the token at T-w+1 (ring slot T % (w-1), the new token itself when w = 1), which leaves
      the window for the next query, into (S, z) in place, whatever the mode, so the cache stays
      valid when the component mode is switched at run time;
   3. (torch, after the kernel) write the new k/v/valid[/phi_k] into that slot, position += 1.
-Steps 1-2 read the ring before step 3 overwrites a slot, so no program races with another.
+Steps 1-2 read the ring before step 3 overwrites a slot, so no program races with another. A step
+writes one slot and the state; nothing shifts, nothing is allocated but y, and the position lives
+on the device, so a step can be captured in a CUDA graph (tests/test_triton_gpu.py).
+
+Callers: the kernel tests and benchmarks keep one `DecodeCache` from step to step
+(`DecodeCache.from_prefill` / `empty`). transformers' generate() passes the `HybridCache` layer's
+own ring and fp32 state (`HybridCacheLayer.decode_cache()`, from `HybridMixer._ring_decode` in
+hf_hybrid_attn/layers.py), so the step advances the cache itself. That cache keeps no phi_k ring:
+the layer maps the evicted key each step (`phi_k_evict`), or, in the modes whose linear branch
+covers the window, the ring's w-1 keys into a phi_k ring for that step only.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from .decode import DecodeCache
 from .reference import KERNEL_MODES
 from .triton_common import LOG2E, block_size, check_runnable, compute_dtype, device_guard
 
-
-@dataclass
-class DecodeCache:
-    """Per-layer decode cache; see the module docstring for the layout."""
-
-    k_win: torch.Tensor
-    v_win: torch.Tensor
-    valid: torch.Tensor
-    S: torch.Tensor
-    z: torch.Tensor
-    position: torch.Tensor
-    phi_k_win: torch.Tensor | None = None
-
-    @property
-    def window(self) -> int:
-        return self.k_win.shape[2] + 1
-
-    @classmethod
-    def empty(cls, batch: int, heads: int, kv_heads: int, head_dim: int, feature_dim: int, window: int, *,
-              dtype: torch.dtype, device, keep_phi_k: bool = False) -> DecodeCache:
-        slots = window - 1
-        return cls(
-            k_win=torch.zeros(batch, kv_heads, slots, head_dim, dtype=dtype, device=device),
-            v_win=torch.zeros(batch, kv_heads, slots, head_dim, dtype=dtype, device=device),
-            valid=torch.zeros(batch, slots, dtype=torch.bool, device=device),
-            S=torch.zeros(batch, heads, feature_dim, head_dim, dtype=torch.float32, device=device),
-            z=torch.zeros(batch, heads, feature_dim, dtype=torch.float32, device=device),
-            position=torch.zeros(1, dtype=torch.int64, device=device),
-            phi_k_win=(torch.zeros(batch, heads, slots, feature_dim, dtype=dtype, device=device)
-                       if keep_phi_k else None),
-        )
-
-    @classmethod
-    def from_prefill(cls, k: torch.Tensor, v: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor], window: int,
-                     *, key_valid: torch.Tensor | None = None, phi_k: torch.Tensor | None = None) -> DecodeCache:
-        """Cache after a prefill of Tk tokens: k, v [B,Hkv,Tk,D] (and phi_k [B,H,Tk,F] to keep the
-        phi_k ring), state = the (S, z) that `hybrid_attention_triton(..., return_state=True)`
-        returned for that prefill (all but the last window-1 keys)."""
-        B, Hkv, Tk, D = k.shape
-        S, z = state
-        H, F = S.shape[1], S.shape[2]
-        cache = cls.empty(B, H, Hkv, D, F, window, dtype=k.dtype, device=k.device, keep_phi_k=phi_k is not None)
-        cache.S.copy_(S)
-        cache.z.copy_(z)
-        cache.position.fill_(Tk)
-        slots = window - 1
-        if slots > 0 and Tk > 0:
-            pos = torch.arange(max(0, Tk - slots), Tk, device=k.device)
-            slot = pos % slots
-            cache.k_win[:, :, slot] = k[:, :, pos]
-            cache.v_win[:, :, slot] = v[:, :, pos].to(cache.v_win.dtype)
-            cache.valid[:, slot] = True if key_valid is None else key_valid[:, pos].bool()
-            if phi_k is not None:
-                cache.phi_k_win[:, :, slot] = phi_k[:, :, pos].to(cache.phi_k_win.dtype)
-        return cache
-
-    def evict_slot(self) -> torch.Tensor:
-        """[1] int64: ring slot of the key that leaves the window after the next step."""
-        return self.position % max(self.window - 1, 1)
-
-    def evicted_keys(self) -> torch.Tensor:
-        """[B, Hkv, 1, D]: raw key at position T-w+1 (apply the feature map to get phi_k_evict)."""
-        return self.k_win.index_select(2, self.evict_slot())
+__all__ = ["DecodeCache", "hybrid_decode_triton"]
 
 
 @triton.jit

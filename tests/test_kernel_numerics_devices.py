@@ -523,3 +523,32 @@ def test_recipe_in_bf16_trains_fp32_mixers_in_both_stages_and_saves_bf16(monkeyp
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
     for (n, p), (n2, p2) in zip(model.named_parameters(), loaded.named_parameters()):
         assert n == n2 and torch.equal(p, p2), n
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. the decode docstring's claims: one DecodeCache layout; a step writes one slot in place
+# ---------------------------------------------------------------------------------------------
+def test_decode_step_writes_one_ring_slot_in_place_of_the_shared_layout():
+    import hf_hybrid_attn.kernels.decode as decode
+
+    assert triton_decode.DecodeCache is decode.DecodeCache  # one definition of the ring layout
+    window, T = 8, 19
+    x, valid, _ = make_inputs(Tq=T + 1)
+    x = _on(x)
+    zeros = (torch.zeros(2, 4, D, D, device=DEVICE), torch.zeros(2, 4, D, device=DEVICE))
+    _, state = hybrid_attention_triton(**{n: t[:, :, :T] if t.dim() == 4 else t for n, t in x.items()},
+                                       initial_state=zeros, window=window, scale=D**-0.5, return_state=True)
+    cache = DecodeCache.from_prefill(x["k"][:, :, :T], x["v"][:, :, :T], state, window)
+    storage = {n: getattr(cache, n).data_ptr() for n in ("k_win", "v_win", "valid", "S", "z", "position")}
+    before = {n: getattr(cache, n).clone() for n in ("k_win", "v_win", "valid")}
+    step = {n: x[n][:, :, T:] for n in ("q", "k", "v", "phi_q", "phi_k")}
+    slot = T % (window - 1)  # position T-w+1 leaves the window; the new token takes its slot
+    phi_k_evict = x["phi_k"][:, :, T - window + 1 : T - window + 2]
+    hybrid_decode_triton(**step, gamma=x["gamma"], alpha=x["alpha"], cache=cache, scale=D**-0.5,
+                         phi_k_evict=phi_k_evict)
+    assert {n: getattr(cache, n).data_ptr() for n in storage} == storage  # in place: nothing reallocated
+    assert cache.position.item() == T + 1
+    for n in ("k_win", "v_win"):
+        changed = (getattr(cache, n) != before[n]).any(-1).any(1).any(0).nonzero().flatten().tolist()
+        assert changed == [slot], n  # exactly one slot written, nothing shifted
+        torch.testing.assert_close(getattr(cache, n)[:, :, slot], x[n[0]][:, :, T], rtol=0, atol=0)
