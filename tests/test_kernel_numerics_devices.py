@@ -386,9 +386,9 @@ def test_direct_call_errors_name_the_argument():
                                 scale=0.25)
 
 
-@pytest.mark.xfail(strict=True, reason="needs the one-line change in kernels/dispatch.py: pass _validated=True "
-                                       "to the Triton entry (then remove this marker)")
 def test_dispatch_validates_once(shared_checks):
+    """dispatch.hybrid_attention validates and passes _validated=True: the Triton entry does not
+    validate again."""
     x, valid, _ = make_inputs(Tq=20)
     dispatch.hybrid_attention(**_on(x), backend="triton", key_valid=valid.to(DEVICE), window=8, scale=0.25)
     assert len(shared_checks) == 1
