@@ -110,7 +110,7 @@ def hybrid_attention(q, k, v, phi_q, phi_k, gamma, alpha, *, backend: str = "aut
     validate_inputs(q, k, v, phi_q, phi_k, gamma, alpha, mode=kwargs.get("mode", "hybrid"), **{k_: v_ for k_, v_ in kwargs.items() if k_ != "mode"})
     which = resolve_backend(backend, q.device)
     if which == "triton":
-        return _triton_impl()(q, k, v, phi_q, phi_k, gamma, alpha, **kwargs)
+        return _triton_impl()(q, k, v, phi_q, phi_k, gamma, alpha, _validated=True, **kwargs)
     if which == "reference":
         kwargs.pop("chunk_size", None)
         return hybrid_attention_reference(q, k, v, phi_q, phi_k, gamma, alpha, **kwargs)
