@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import dispatch
+from . import validation
 from .triton_common import (
     LOG2E,
     autotune_configs,
@@ -656,7 +656,7 @@ class _HybridAttentionFn(torch.autograd.Function):
 
 
 def _check_triton_inputs(q, k, v, phi_q, phi_k, gamma, alpha, initial_state, chunk_size) -> torch.dtype:
-    """What only this backend needs, on top of `dispatch.validate_inputs` (the shared contract):
+    """What only this backend needs, on top of `validation.validate_inputs` (the shared contract):
     one device for every tensor the kernels read, CUDA (or the interpreter), a supported dtype, at
     least one query, a power-of-two chunk. Returns the compute dtype (q's)."""
     named = dict(q=q, k=k, v=v, phi_q=phi_q, phi_k=phi_k, gamma=gamma, alpha=alpha)  # (key_valid is moved)
@@ -702,12 +702,12 @@ def hybrid_attention_triton(
     j < Tk - (window - 1), i.e. all but the last window-1 keys (the decode cache hand-off). Order:
     y, [lin_den, den], [(S, z)]; a single tensor when neither flag is set.
 
-    Inputs are checked once: the shared `dispatch.validate_inputs` (shapes, dtypes, mode, window;
+    Inputs are checked once: the shared `validation.validate_inputs` (shapes, dtypes, mode, window;
     one error naming the argument), then what only Triton needs. `dispatch.hybrid_attention`,
     which has already run the shared check, passes `_validated=True` to skip it here.
     """
     if not _validated:
-        dispatch.validate_inputs(q, k, v, phi_q, phi_k, gamma, alpha, window=window, mode=mode,
+        validation.validate_inputs(q, k, v, phi_q, phi_k, gamma, alpha, window=window, mode=mode,
                                  key_valid=key_valid, initial_state=initial_state)
     dtype = _check_triton_inputs(q, k, v, phi_q, phi_k, gamma, alpha, initial_state, chunk_size)
     B, H, Tq, _ = q.shape

@@ -7,7 +7,7 @@
   accumulation; its bf16 is not, see KERNELS.md);
 - NT (explicit key tiles, a constexpr) is rounded up to a power of two: exact for windows that share
   a rounded NT, and a window sweep compiles one NT per power of two;
-- the Triton entry validates once (shared `dispatch.validate_inputs` when called directly);
+- the Triton entry validates once (the shared `validation.validate_inputs` when called directly);
 - stage 1 trains a bf16 model's hybrid parameters as fp32 master weights.
 
 Triton runs in its CPU interpreter here (fp32 and fp16 only), as in test_triton_kernels.py.
@@ -340,13 +340,17 @@ def test_window_sweep_compiles_one_nt_per_power_of_two(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture
 def shared_checks(monkeypatch):
+    from hf_hybrid_attn.kernels import validation
+
     calls = []
-    real = dispatch.validate_inputs
+    real = validation.validate_inputs
 
     def counting(*args, **kwargs):
         calls.append(kwargs.get("mode"))
         return real(*args, **kwargs)
 
+    # the shared check lives in kernels/validation.py; dispatch holds its own reference to it
+    monkeypatch.setattr(validation, "validate_inputs", counting)
     monkeypatch.setattr(dispatch, "validate_inputs", counting)
     return calls
 

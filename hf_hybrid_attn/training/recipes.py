@@ -176,7 +176,7 @@ def split_tokens(recipe: Recipe, tokens: int | None) -> Recipe:
 
 def training_record(recipe: Recipe, logs: dict[str, dict], data_info: dict | None = None) -> dict[str, Any]:
     """What is saved in config.hybrid['training']: recipe, hyperparameters, tokens per stage."""
-    from .. import __version__
+    from .._version import __version__
 
     stages = {}
     for stage, log in logs.items():
