@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import hybrid_forward
+from ..kernels import expand_kv_heads
 from ..layers import HybridMixer
-from ..modeling import iter_hybrid_attention
+from ..modeling import iter_hybrid_attention, mixers_of
 from .objectives import OBJECTIVES, attn_ce_loss, output_mse
 
 CHECKPOINT_NAME = "stage1_state.pt"
@@ -93,9 +94,7 @@ class TransferConfig:
 def teacher_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor, scaling: float) -> torch.Tensor:
     """Exact causal softmax attention with padding, GQA expanded: [B, H, T, D] (no gradient)."""
     B, H, T, _ = q.shape
-    groups = H // k.shape[1]
-    if groups > 1:
-        k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    k, v = expand_kv_heads(k, H), expand_kv_heads(v, H)
     with torch.no_grad():
         if bool(key_valid.all()):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
@@ -165,8 +164,8 @@ class TransferHook:
 
 
 def _mixer(attn) -> HybridMixer:
-    h = attn.hybrid
-    return h if isinstance(h, HybridMixer) else next(m for m in h.modules() if isinstance(m, HybridMixer))
+    """The mixer that runs (the first of `mixers_of`: the module itself, or the one PEFT wraps)."""
+    return mixers_of(attn)[0]
 
 
 def transfer_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
