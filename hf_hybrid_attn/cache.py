@@ -165,13 +165,15 @@ class HybridCacheLayer(CacheLayerMixin):
         self._pending = 0
 
     @torch.no_grad()
-    def advance(self, k, v, phi_k, key_valid, window: int, num_sinks: int, inplace: bool = True) -> None:
+    def advance(self, k, v, phi_k, key_valid, window: int, num_sinks: int, inplace: bool = True,
+                state: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """The general path, after attending (window tokens + new tokens) = k, v, phi_k, key_valid:
         fold all but the last w-1 into the state, lay the last w-1 into the ring.
 
         inplace: add into the existing state tensors (no new state tensor); the layer passes False
         when autograd may have saved the state for a backward through this step. The fold is
-        `fold_into_state`: chunked, fp32, KV heads never expanded."""
+        `fold_into_state`: chunked, fp32, KV heads never expanded. `state`: the caller has already
+        folded the same tokens (a segmented prefill): it becomes the cache's state (phi_k unused)."""
         if not self._pending:
             raise RuntimeError("HybridCacheLayer.advance() called without a preceding update()")
         new = self._pending
@@ -179,14 +181,19 @@ class HybridCacheLayer(CacheLayerMixin):
         end = self.cumulative_length  # absolute position after the last of the Tk tokens
         keep = min(window - 1, Tk)
         fold = Tk - keep
-        B, H, F, D = phi_k.shape[0], phi_k.shape[1], phi_k.shape[-1], v.shape[-1]
-        if self.state is None:
-            self.state = (phi_k.new_zeros(B, H, F, D, dtype=torch.float32), phi_k.new_zeros(B, H, F, dtype=torch.float32))
-        elif not (inplace and all(t.is_contiguous() for t in self.state)
-                  and (torch.is_inference_mode_enabled() or not self.state[0].is_inference())):
-            self.state = tuple(t.clone() for t in self.state)  # autograd may hold the old state
-        if fold > 0:
-            fold_into_state(self.state, phi_k[:, :, :fold], v[:, :, :fold], key_valid[:, :fold])
+        if state is not None:  # folded by the caller
+            self.state = tuple(t.detach().float().contiguous() for t in state)
+            B, H, F, D = self.state[0].shape
+        else:
+            B, H, F, D = phi_k.shape[0], phi_k.shape[1], phi_k.shape[-1], v.shape[-1]
+            if self.state is None:
+                self.state = (phi_k.new_zeros(B, H, F, D, dtype=torch.float32),
+                              phi_k.new_zeros(B, H, F, dtype=torch.float32))
+            elif not (inplace and all(t.is_contiguous() for t in self.state)
+                      and (torch.is_inference_mode_enabled() or not self.state[0].is_inference())):
+                self.state = tuple(t.clone() for t in self.state)  # autograd may hold the old state
+            if fold > 0:
+                fold_into_state(self.state, phi_k[:, :, :fold], v[:, :, :fold], key_valid[:, :fold])
         if self.ring_window != window or self.keys.shape[0] != B or self.keys.dtype != k.dtype:
             ring = DecodeCache.empty(B, H, k.shape[1], k.shape[-1], F, window, dtype=k.dtype, device=k.device,
                                      value_dim=D)

@@ -17,7 +17,12 @@ import torch.nn as nn
 from .config import COMPONENT_MODES, HybridConfig
 from .feature_maps import build_feature_map
 from .kernels import KERNEL_MODES, expand_kv_heads, hybrid_attention, sinks_attention, validate_inputs
+from .kernels.decode import fold_into_state
 from .kernels.dispatch import resolve_backend
+
+#: a call with more queries than this is computed in segments of this many (`HybridMixer._segmented`):
+#: its feature maps and kernel temporaries stay O(segment) whatever the prompt length
+PREFILL_SEGMENT = 2048
 
 
 def first_valid(valid: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,6 +153,11 @@ class HybridMixer(nn.Module):
                 k, v = torch.cat([kb.to(k.dtype), k], 2), torch.cat([vb.to(v.dtype), v], 2)
                 key_valid = torch.cat([validb.to(key_valid.device), key_valid], 1)
         initial_state = cache_layer.linear_state() if cache_layer is not None else None
+        if self._segments_apply(q, k, mode, return_stats):
+            y, state = self._segmented(q, k, v, key_valid, scaling, mode, initial_state)
+            if cache_layer is not None:
+                cache_layer.advance(k, v, None, key_valid, self.window, self.num_sinks, state=state)
+            return y
         needs_features = mode in ("hybrid", "linear_only") or cache_layer is not None
         phi_q, phi_k = self.features(q, k) if needs_features else (None, None)
         lin_den = den = None
@@ -190,6 +200,48 @@ class HybridMixer(nn.Module):
                 den = lin_den
             return y, lin_den, den
         return y
+
+    def _segments_apply(self, q, k, mode, return_stats) -> bool:
+        """Long inputs (more than PREFILL_SEGMENT queries) in a kernel mode, without the per-row
+        SSD drop or per-query statistics: computed segment by segment (`_segmented`)."""
+        return (q.shape[2] > PREFILL_SEGMENT and mode in KERNEL_MODES and not return_stats
+                and not (mode == "hybrid" and self.swa_drop is not None))
+
+    def _segmented(self, q, k, v, key_valid, scaling, mode, initial_state):
+        """The same output as one call, in segments of PREFILL_SEGMENT queries, so that the feature
+        maps and the kernels' temporaries are O(segment), not O(T), whatever the prompt length.
+
+        Queries [s, e) (positions in k) attend keys [s - w + 1, e) with, as prefix, the linear
+        state of every key before s - w + 1 (the kernels' initial_state contract: those keys are
+        all in L(i) for every query of the segment, with or without the overlap); between segments
+        the keys that drop out of reach are folded into that state (fp32, never expanded per
+        query head; out of place when autograd needs the graph). Returns y [B,H,Tq,D] and the state
+        over every key before Tk - (w - 1), the fold a cache keeps after this call."""
+        Tq, Tk = q.shape[2], k.shape[2]
+        w, off, H = self.window, Tk - Tq, self.num_heads
+        gamma, alpha = self.gamma(), self.alpha()
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *self.parameters()))
+        state = initial_state
+        if state is None:
+            B, F, D = q.shape[0], self.phi_dim, v.shape[-1]
+            state = (q.new_zeros(B, H, F, D, dtype=torch.float32), q.new_zeros(B, H, F, dtype=torch.float32))
+        elif not grad:
+            state = tuple(t.float().clone() for t in state)  # folded in place below: never the cache's own
+        ys, ks = [], 0
+        for s in range(off, Tk, PREFILL_SEGMENT):
+            e = min(Tk, s + PREFILL_SEGMENT)
+            ks = max(0, s - (w - 1))
+            kk, vv, kv = k[:, :, ks:e], v[:, :, ks:e], key_valid[:, ks:e]
+            phi_q, phi_k = self.features(q[:, :, s - off : e - off], kk)
+            ys.append(hybrid_attention(q[:, :, s - off : e - off], kk, vv, phi_q, phi_k, gamma, alpha, mode=mode,
+                                       window=w, scale=scaling, linear_covers_window=self.linear_covers_window,
+                                       key_valid=kv, initial_state=state, backend=self.backend,
+                                       chunk_size=self.chunk_size))
+            nxt = max(0, e - (w - 1))  # the next segment's first key (after the last: the cache's fold point)
+            if nxt > ks:
+                state = fold_into_state(state, phi_k[:, :, : nxt - ks], vv[:, :, : nxt - ks], kv[:, : nxt - ks],
+                                        inplace=not grad)
+        return torch.cat(ys, 2), state
 
     def _ring_decode_applies(self, q, k, v, cache_layer, mode, return_stats) -> bool:
         """One new token per sequence, no gradient, a kernel mode, the torch or Triton backend (auto:

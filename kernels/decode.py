@@ -122,24 +122,30 @@ class DecodeCache:
 
 
 def fold_into_state(state: tuple[torch.Tensor, torch.Tensor], phi_k: torch.Tensor, v: torch.Tensor,
-                    valid: torch.Tensor, chunk: int = FOLD_CHUNK) -> None:
-    """In place: S += sum_j phi_k_j v_j^T and z += sum_j phi_k_j over the valid tokens j, in fp32.
+                    valid: torch.Tensor, chunk: int = FOLD_CHUNK, inplace: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """S += sum_j phi_k_j v_j^T and z += sum_j phi_k_j over the valid tokens j, in fp32; returns (S, z).
 
     state: S [B, H, F, D], z [B, H, F] (fp32, contiguous); phi_k [B, H, T, F] per query head; v
     [B, Hkv, T, D] with H = G * Hkv (GQA); valid [B, T] bool. The G query heads of a KV group are
     the rows of one matmul against that group's values, so V is never expanded to H heads, and the
-    fold walks T in chunks of `chunk` tokens, so the fp32 temporaries are O(chunk), not O(T)."""
+    fold walks T in chunks of `chunk` tokens, so the fp32 temporaries are O(chunk), not O(T).
+    inplace=False adds out of place (autograd can then differentiate through the fold)."""
     S, z = state
     B, H, F, D = S.shape
     Hkv, T = v.shape[1], v.shape[2]
     G = H // Hkv
-    S_groups = S.view(B * Hkv, G * F, D)
     for s in range(0, T, chunk):
         e = min(T, s + chunk)
         fk = phi_k[:, :, s:e].float() * valid[:, None, s:e, None].float()  # [B, H, c, F]
-        z.add_(fk.sum(2))
         fkT = fk.view(B, Hkv, G, e - s, F).permute(0, 1, 2, 4, 3).reshape(B * Hkv, G * F, e - s)
-        S_groups.baddbmm_(fkT, v[:, :, s:e].float().reshape(B * Hkv, e - s, D))
+        vv = v[:, :, s:e].float().reshape(B * Hkv, e - s, D)
+        if inplace:
+            z.add_(fk.sum(2))
+            S.view(B * Hkv, G * F, D).baddbmm_(fkT, vv)
+        else:
+            z = z + fk.sum(2)
+            S = S + torch.bmm(fkT, vv).view(B, H, F, D)
+    return S, z
 
 
 @torch.no_grad()
