@@ -30,7 +30,7 @@ _EXPORTS = {
     "iter_hybrid_attention": "modeling",
     "set_component_mode": "modeling",
     "set_window": "modeling",
-    "collect_linear_share": "diagnostics",
+    "collect_linear_share": "modeling",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -31,7 +31,7 @@ from .evaluation.report import write_report
 from .evaluation.scorer import LoglikelihoodScorer, evaluate_task
 from .evaluation.tasks import DEFAULT_TASKS, load_task, task_info
 from .loading import cli_load_model, display_name
-from .modeling import component_mode, iter_hybrid_attention, mixers_of
+from .modeling import collect_linear_share, component_mode, iter_hybrid_attention
 
 SOFTMAX_IMPLEMENTATION = "sdpa"
 
@@ -101,46 +101,6 @@ def _held_out_split(model, corpus) -> tuple[float, int]:
     if isinstance(corpus, str) and data.get("source") == corpus and "val_fraction" in data:
         return float(data["val_fraction"]), int(data.get("seed", 0))
     return DEFAULT_HELD_OUT
-
-
-@torch.no_grad()
-def collect_linear_share(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """LA share of the normaliser (SPEC §4): per converted layer and head, the mean over valid query
-    positions >= w of alpha phi_q.z / D_i, in the current mode. Returns [num_converted_layers, H]."""
-    stats: dict[int, torch.Tensor] = {}
-    hooks = []
-
-    def make_hook(idx):
-        def hook(module, q, k, v, key_valid, scaling):
-            y, lin_den, den = module.hybrid(q, k, v, key_valid, scaling, return_stats=True)
-            window = mixers_of(module)[0].window
-            share = torch.where(den > 0, lin_den / den.clamp_min(1e-30), torch.zeros_like(den)).float()
-            Tk, Tq = k.shape[2], q.shape[2]
-            pos_in_row = key_valid.long().cumsum(1) - 1  # position of each token among valid ones
-            qmask = key_valid[:, Tk - Tq :] & (pos_in_row[:, Tk - Tq :] >= window)
-            m = qmask[:, None, :].float()
-            stats[idx] = ((share * m).sum((0, 2)) / m.sum((0, 2)).clamp_min(1)).cpu()
-            stats[f"n{idx}"] = m.sum((0, 2)).cpu()
-            return y.transpose(1, 2)
-
-        return hook
-
-    pairs = list(iter_hybrid_attention(model))
-    for idx, attn in pairs:
-        for mixer in mixers_of(attn):
-            hooks.append((mixer, mixer.transfer_hook))
-            mixer.transfer_hook = make_hook(idx)
-    try:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    finally:
-        for mixer, old in hooks:
-            mixer.transfer_hook = old
-    if any(float(stats[f"n{i}"].sum()) == 0 for i, _ in pairs):
-        raise ValueError(
-            f"input_ids: no query position beyond the window (w={mixers_of(pairs[0][1])[0].window}); "
-            "the LA share needs sequences longer than the window"
-        )
-    return torch.stack([stats[i] for i, _ in pairs])
 
 
 def diagnose(

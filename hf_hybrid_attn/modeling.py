@@ -17,6 +17,7 @@ import logging
 import os
 from collections.abc import Iterable, Iterator
 
+import torch
 import torch.nn as nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
@@ -399,3 +400,43 @@ def set_window(model, window: int, layers: int | Iterable[int] | None = None) ->
         cfg = getattr(model, "config", None)
         if cfg is not None and isinstance(getattr(cfg, "hybrid", None), dict):
             cfg.hybrid["window"] = window
+
+
+@torch.no_grad()
+def collect_linear_share(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """LA share of the normaliser (SPEC §4): per converted layer and head, the mean over valid query
+    positions >= w of alpha phi_q.z / D_i, in the current mode. Returns [num_converted_layers, H]."""
+    stats: dict[int, torch.Tensor] = {}
+    hooks = []
+
+    def make_hook(idx):
+        def hook(module, q, k, v, key_valid, scaling):
+            y, lin_den, den = module.hybrid(q, k, v, key_valid, scaling, return_stats=True)
+            window = mixers_of(module)[0].window
+            share = torch.where(den > 0, lin_den / den.clamp_min(1e-30), torch.zeros_like(den)).float()
+            Tk, Tq = k.shape[2], q.shape[2]
+            pos_in_row = key_valid.long().cumsum(1) - 1  # position of each token among valid ones
+            qmask = key_valid[:, Tk - Tq :] & (pos_in_row[:, Tk - Tq :] >= window)
+            m = qmask[:, None, :].float()
+            stats[idx] = ((share * m).sum((0, 2)) / m.sum((0, 2)).clamp_min(1)).cpu()
+            stats[f"n{idx}"] = m.sum((0, 2)).cpu()
+            return y.transpose(1, 2)
+
+        return hook
+
+    pairs = list(iter_hybrid_attention(model))
+    for idx, attn in pairs:
+        for mixer in mixers_of(attn):
+            hooks.append((mixer, mixer.transfer_hook))
+            mixer.transfer_hook = make_hook(idx)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        for mixer, old in hooks:
+            mixer.transfer_hook = old
+    if any(float(stats[f"n{i}"].sum()) == 0 for i, _ in pairs):
+        raise ValueError(
+            f"input_ids: no query position beyond the window (w={mixers_of(pairs[0][1])[0].window}); "
+            "the LA share needs sequences longer than the window"
+        )
+    return torch.stack([stats[i] for i, _ in pairs])

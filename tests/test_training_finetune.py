@@ -1,8 +1,11 @@
 """Stage 2 (LoRA fine-tuning) on a tiny model: what trains, early stopping, merge, component mode."""
 
+import shutil
+
 import pytest
 import torch
 from peft import PeftModel
+from transformers import TrainerCallback
 
 import hf_hybrid_attn as hha
 from conftest import randomize_mixers, tiny_model
@@ -118,3 +121,44 @@ def test_adapter_saves_do_not_warn_about_the_base_config(tmp_path):
     assert (tmp_path / "out" / "final" / "adapter_model.safetensors").is_file()
     assert not any("instantiate a model of type `hybrid_" in m for m in seen), seen
     assert any("`llama2`" in m for m in seen)  # the filter is gone after training and is narrow
+
+
+def test_linear_share_is_logged_at_every_evaluation(tmp_path):
+    """The stage log carries the LA share of the normaliser (hybrid mode) at each evaluation, and the
+    last entry is the share of the returned model on the same blocks, measured independently here."""
+    model = _model()
+    data = _data()
+    cfg = FinetuneConfig(max_steps=4, batch_size=2, grad_accum=1, lr=5e-2, eval_every=2, early_stopping_patience=None,
+                         train_mode="linear_only", share_blocks=2)
+    merged, log = finetune(model, data[4:], cfg, data[:4], str(tmp_path), progress=False)
+    curve = log["linear_share_curve"]
+    # the initial evaluation (step 0), steps 2 and 4, and the final evaluation
+    assert [h["step"] for h in curve] == [0, 2, 4, 4]
+    for h in curve:
+        assert len(h["linear_share_per_layer"]) == len(list(hha.iter_hybrid_attention(merged)))
+        assert 0.0 < h["linear_share"] < 1.0
+    assert curve[0]["linear_share"] != curve[-1]["linear_share"]  # training moved it
+    merged.eval()
+    with hha.component_mode(merged, "hybrid"):
+        expected = hha.collect_linear_share(merged, data[:2]).mean(1)
+    assert curve[-1]["linear_share_per_layer"] == pytest.approx(expected.tolist(), abs=1e-4)
+    assert hha.get_component_modes(merged) == {i: "hybrid" for i, _ in hha.iter_hybrid_attention(merged)}
+
+
+def test_linear_share_curve_survives_resume(tmp_path):
+    data = _data()
+    cfg = FinetuneConfig(max_steps=4, batch_size=2, grad_accum=1, lr=5e-2, eval_every=2, early_stopping_patience=None,
+                         merge=False)
+
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                control.should_training_stop = True
+
+    finetune(_model(), data[4:], cfg, data[:4], str(tmp_path), callbacks=[Stop()], progress=False)
+    # the first run stopped after step 2 (its checkpoint-2 holds the share at steps 0 and 2);
+    # remove its final marker so that the resumed run trains steps 3..4 from checkpoint-2
+    shutil.rmtree(tmp_path / "final")
+    _, log = finetune(_model(), data[4:], cfg, data[:4], str(tmp_path), resume=True, progress=False)
+    assert log["resumed_from"].endswith("checkpoint-2")
+    assert [h["step"] for h in log["linear_share_curve"]] == [0, 2, 4, 4]

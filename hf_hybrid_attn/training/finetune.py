@@ -19,11 +19,18 @@ import torch
 from transformers import TrainerCallback
 
 from ..config import COMPONENT_MODES
-from ..modeling import quiet_base_config_probe, set_component_mode
+from ..modeling import (
+    collect_linear_share,
+    component_mode,
+    iter_hybrid_attention,
+    quiet_base_config_probe,
+    set_component_mode,
+)
 from .data import PackedDataset
 
 FINAL_DIR = "final"
 FINAL_LOG = "stage2_log.json"
+INITIAL_LOG = "stage2_initial.json"
 
 
 @dataclass
@@ -64,6 +71,9 @@ class FinetuneConfig:
     """Merge the LoRA weights into the base (merge_and_unload) for the final save."""
     bf16: bool = False
     seed: int = 0
+    share_blocks: int = 2
+    """Validation blocks on which the LA share of the normaliser (SPEC §4, `hybrid` mode) is measured
+    at every evaluation, so the log shows how it moves during the stage (0: not measured)."""
 
     def validate(self) -> None:
         for name in ("train_mode", "final_mode"):
@@ -73,6 +83,8 @@ class FinetuneConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: expected an integer >= 1, got {v!r}")
+        if isinstance(self.share_blocks, bool) or not isinstance(self.share_blocks, int) or self.share_blocks < 0:
+            raise ValueError(f"share_blocks: expected an integer >= 0, got {self.share_blocks!r}")
         if not self.lr > 0:
             raise ValueError(f"lr: expected a positive learning rate, got {self.lr!r}")
 
@@ -117,6 +129,32 @@ class _TimingCallback(TrainerCallback):
         if self._t is not None:
             self.train_s += time.perf_counter() - self._t
             self._t = None
+
+
+class LinearShareCallback(TrainerCallback):
+    """At every evaluation, the LA share of the normaliser (SPEC §4) in `hybrid` mode, per converted
+    layer, on fixed validation blocks. Entries go into `state.log_history` (so a checkpoint keeps
+    them across `--resume`) as {"step", "linear_share", "linear_share_per_layer"}; the stage log
+    lists them as `linear_share_curve`. The measurement runs in eval mode without gradients and
+    restores the layers' modes (an SSD step's dropped layers included)."""
+
+    def __init__(self, blocks: torch.Tensor):
+        self.blocks = blocks
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            return
+        was_training = model.training
+        model.eval()
+        try:
+            device = next(model.parameters()).device
+            with component_mode(model, "hybrid"):
+                share = collect_linear_share(model, self.blocks.to(device))
+        finally:
+            model.train(was_training)
+        per_layer = share.float().mean(1)
+        state.log_history.append({"step": state.global_step, "linear_share": float(per_layer.mean()),
+                                  "linear_share_per_layer": [round(float(x), 5) for x in per_layer]})
 
 
 def finetune(
@@ -178,6 +216,8 @@ def finetune(
     )
     timing = _TimingCallback()
     cbs = [timing] + list(callbacks or [])
+    if use_eval and cfg.share_blocks and any(True for _ in iter_hybrid_attention(peft_model)):
+        cbs.append(LinearShareCallback(val_blocks[: cfg.share_blocks]))
     if early:
         cbs.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     trainer = Trainer(
@@ -192,7 +232,8 @@ def finetune(
 
         trainer.remove_callback(PrinterCallback)
     checkpoint = get_last_checkpoint(output_dir) if resume and os.path.isdir(output_dir) else None
-    initial_eval = trainer.evaluate()["eval_loss"] if use_eval and checkpoint is None else None
+    initial = _initial_evaluation(trainer, output_dir, use_eval, checkpoint)
+    initial_eval = initial.get("eval_loss")
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()  # peak_cuda_mb is this stage's own
     t0 = time.perf_counter()
@@ -217,6 +258,8 @@ def finetune(
         "train_curve": [{"step": h["step"], "loss": h["loss"], **{k: v for k, v in h.items() if k.startswith("ssd_")}}
                         for h in history if "loss" in h],
         "val_curve": [{"step": h["step"], "loss": h["eval_loss"]} for h in history if "eval_loss" in h],
+        # every evaluation's share; the last entry is the final evaluation (the best model with early stopping)
+        "linear_share_curve": initial.get("linear_share", []) + [h for h in trainer.state.log_history if "linear_share" in h],
         "tokens": tokens,
         "wall_s": wall,
         "train_s": timing.train_s,
@@ -241,6 +284,27 @@ def finetune(
     trainer.accelerator.wait_for_everyone()
     out = peft_model.merge_and_unload() if cfg.merge else peft_model
     return out, log
+
+
+def _initial_evaluation(trainer, output_dir: str, use_eval: bool, checkpoint: str | None) -> dict:
+    """Validation loss (and LA share) before any training step. `Trainer.train` starts a fresh
+    state, so these are kept in OUTPUT_DIR/INITIAL_LOG, which a resumed run reads back."""
+    path = os.path.join(output_dir, INITIAL_LOG)
+    if not use_eval:
+        return {}
+    if checkpoint is not None:
+        if os.path.isfile(path):
+            with open(path) as f:
+                return json.load(f)
+        return {}
+    loss = trainer.evaluate()["eval_loss"]
+    out = {"eval_loss": loss, "linear_share": [h for h in trainer.state.log_history if "linear_share" in h]}
+    if trainer.is_world_process_zero():
+        os.makedirs(output_dir, exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(out, f)
+        os.replace(path + ".tmp", path)
+    return out
 
 
 def _load_finished(peft_model, final_dir: str, cfg: FinetuneConfig):
