@@ -79,6 +79,29 @@ def test_convert_writes_a_loadable_checkpoint_and_a_training_log(assets, tmp_pat
     assert log2["stages"]["transfer"]["train_curve"] == log["stages"]["transfer"]["train_curve"]
 
 
+def test_data_seed_fixes_the_split_while_the_seed_changes_training(assets, tmp_path):
+    """--data-seed keeps the same documents (split and packed blocks) for different --seed values."""
+    from hf_hybrid_attn.training.data import build_packed_data
+
+    logs = {}
+    for seed in (0, 1):
+        out = tmp_path / f"s{seed}"
+        assert main(_argv(assets, out, "--recipe", "lolcats", "--tokens", "1200", "--seed", str(seed),
+                          "--data-seed", "7")) == 0
+        logs[seed] = json.loads((out / "training_log.json").read_text())
+    assert logs[0]["data"]["seed"] == logs[1]["data"]["seed"] == 7
+    assert logs[0]["recipe_config"]["transfer"]["seed"] == 0 and logs[1]["recipe_config"]["transfer"]["seed"] == 1
+    assert logs[0]["stages"]["transfer"]["train_curve"] != logs[1]["stages"]["transfer"]["train_curve"]
+    # the split is the data seed's, not the training seed's
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(assets / "tiny")
+    a = build_packed_data(tok, str(assets / "text.txt"), seq_len=32, val_fraction=0.1, seed=7)
+    b = build_packed_data(tok, str(assets / "text.txt"), seq_len=32, val_fraction=0.1, seed=0)
+    assert not torch.equal(a.val, b.val)
+    assert logs[0]["data"]["val_documents"] == a.info["val_documents"]
+
+
 def test_no_merge_keeps_the_adapter_separate(assets, tmp_path):
     from peft import PeftModel
 

@@ -83,7 +83,10 @@ def add_convert_subparser(subparsers) -> argparse.ArgumentParser:
                         "train as fp32 master weights either way and are saved in this dtype")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for both stages (CUDA)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="training seed (initialisation, order, SSD draws)")
+    p.add_argument("--data-seed", type=int, default=None,
+                   help="seed of the train/validation document split (default: --seed); fix it to compare "
+                        "training seeds on the same data")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
     p.add_argument("--no-merge", action="store_true", help="keep the LoRA adapter separate (OUT/adapter)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -170,7 +173,8 @@ def run_convert(args) -> int:
     try:
         data = build_packed_data(
             tok, args.data, seq_len=args.seq_len, window=window, val_fraction=args.val_fraction,
-            max_train_tokens=args.tokens, max_val_blocks=args.max_val_blocks, seed=args.seed, text_field=args.text_field,
+            max_train_tokens=args.tokens, max_val_blocks=args.max_val_blocks,
+            seed=args.seed if args.data_seed is None else args.data_seed, text_field=args.text_field,
         )
     except ValueError as e:
         raise SystemExit(f"--data {args.data!r}: {e}") from None
