@@ -70,15 +70,17 @@ def passkey_probe(scorer: LoglikelihoodScorer, distances: Sequence[int] = DEFAUL
     return out
 
 
+def doc_lengths(tokenizer, docs: Sequence[MultipleChoiceDoc]) -> list[int]:
+    """Per document, the tokens of its longest request (context + continuation, as the model reads
+    them): what decides whether the document fits in the window."""
+    return [max(len(c) + len(x) - 1 for c, x in (encode_pair(tokenizer, *r) for r in d.requests)) for d in docs]
+
+
 def prompt_lengths(tokenizer, docs: Sequence[MultipleChoiceDoc], window: int) -> dict:
     """Distribution of request lengths (context + continuation tokens, as the model reads them)."""
     if not docs:
         raise ValueError("docs: expected at least one document")
-    lengths = []
-    for d in docs:
-        # the longest request of a document is what decides whether it fits in the window
-        lengths.append(max(len(c) + len(x) - 1 for c, x in (encode_pair(tokenizer, *r) for r in d.requests)))
-    lengths.sort()
+    lengths = sorted(doc_lengths(tokenizer, docs))
 
     def quantile(q: float) -> int:
         return lengths[min(len(lengths) - 1, int(q * len(lengths)))]

@@ -1,0 +1,734 @@
+"""The reproduction study of arXiv 2510.05901 at CPU scale, in one resumable command.
+
+    python examples/reproduce_paper.py                 # the whole study (hours on 2 CPU cores)
+    python examples/reproduce_paper.py --plan          # what it would run, and what is done already
+    python examples/reproduce_paper.py --smoke         # the same pipeline on a 2-layer cut (< 3 min)
+    python examples/reproduce_paper.py --report-only   # rebuild the tables and plots from what is done
+
+Question: does a LoLCATs conversion collapse onto its softmax window, and do HedgeCATs and SSD keep
+the linear branch in use? On the SmolLM2-135M teacher (docs/ASSETS.md), SOTU training text, seq 512,
+every recipe gets the same token budget and the same data (the document split is fixed by
+`--data-seed 0`; only the training seed varies):
+
+  * w = 64: lolcats, linear_only (then inference-time hybridisation), hedgecats, ssd; 2 seeds each;
+  * w = 16: the same four recipes, 1 seed (most short-benchmark items are longer than 16 tokens);
+  * the softmax-sinks arm (`HybridConfig.softmax_sinks`, docs/SPEC.md): the best w=64 recipe again,
+    with the first 4 tokens kept in the softmax branch and out of the linear state.
+
+Every model (and the teacher) is evaluated in the component modes hybrid / swa_only / linear_only:
+perplexity on held-out SOTU speeches and on the Austen novels (never trained on), in 1024-token
+blocks split inside / beyond w; passkey retrieval at 16..512 tokens, inside the window as well as
+beyond it; zero-shot PIQA / ARC-Easy / HellaSwag (hybrid and swa_only, linear_only on ARC-Easy),
+per item, so that scores on the items longer than w can be reported alone; the LA share of the
+normaliser per layer and head, and its curve during stage 2 (from the training log). The best model
+of each recipe also runs ARC-Challenge and Winogrande (the five-task suite).
+
+Resuming: each conversion runs `hf-hybrid convert --resume` into RUNS/<name>; each evaluation piece
+(one model, one mode, one measurement) is a JSON file under OUT/eval/<model>/, written atomically.
+Re-running skips what is finished, so the study can run in several sittings. Results:
+OUT/results.json, OUT/results.md, OUT/*.png; training logs are copied to OUT/conversions/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ("lolcats", "linear_only", "hedgecats", "ssd")
+MODES = ("hybrid", "swa_only", "linear_only")
+CORPORA = ("sotu", "austen")
+DATA_SEED = 0
+
+
+@dataclass(frozen=True)
+class Study:
+    """Everything that sizes the study; `FULL` and `SMOKE` differ only here."""
+
+    name: str
+    num_layers: int | None  # None: the whole 30-layer teacher
+    tokens: int  # per conversion, both stages together
+    seq_len: int
+    seeds: dict = field(default_factory=dict)  # window -> training seeds
+    recipes: tuple[str, ...] = RECIPES
+    softmax_sinks: int = 4
+    finetune_eval_every: int = 4  # stage-2 validation (+ LA share) every N optimizer steps
+    finetune_eval_blocks: int = 16
+    ppl_blocks: int = 16
+    ppl_block_size: int = 1024
+    probe_distances: tuple[int, ...] = (16, 32, 48, 128, 256, 512)
+    probe_items: int = 20
+    zero_shot: dict = field(default_factory=dict)  # task -> item limit (None: all)
+    zero_shot_linear_only: tuple[str, ...] = ("arc_easy",)
+    full_suite: dict = field(default_factory=dict)  # tasks added for the best model of each recipe
+    share_blocks: int = 2
+    batch_size: int = 16
+
+
+FULL = Study(
+    name="full", num_layers=None, tokens=262_144, seq_len=512, seeds={64: (0, 1), 16: (0,)},
+    zero_shot={"piqa": 500, "arc_easy": None, "hellaswag": 500},
+    full_suite={"arc_challenge": 500, "winogrande": 500},
+)
+SMOKE = Study(
+    name="smoke", num_layers=2, tokens=2048, seq_len=128, seeds={64: (0, 1), 16: (0,)},
+    finetune_eval_every=1, finetune_eval_blocks=2, ppl_blocks=1, ppl_block_size=256, probe_distances=(16, 48, 256),
+    probe_items=2,
+    zero_shot={"piqa": 4, "arc_easy": 4, "hellaswag": 4}, full_suite={"arc_challenge": 4, "winogrande": 4},
+    share_blocks=1, batch_size=8,
+)
+
+
+@dataclass(frozen=True)
+class Conversion:
+    recipe: str
+    window: int
+    seed: int
+    softmax_sinks: int = 0
+
+    @property
+    def name(self) -> str:
+        sinks = f"_sinks{self.softmax_sinks}" if self.softmax_sinks else ""
+        return f"{self.recipe}{sinks}_w{self.window}_s{self.seed}"
+
+
+def log(msg: str) -> None:
+    print(f"[reproduce {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=float))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+# --- statistics ------------------------------------------------------------------------------------
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k/n."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = k / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return (max(0.0, mid - half), min(1.0, mid + half))
+
+
+def paired_diff(a: list[float], b: list[float], z: float = 1.96) -> dict:
+    """Mean of a - b over paired items with a normal 95% interval (the same items for both)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired_diff: expected equal lengths, got {len(a)} and {len(b)}")
+    d = [x - y for x, y in zip(a, b)]
+    n = len(d)
+    mean = sum(d) / n if n else float("nan")
+    sd = statistics.stdev(d) if n > 1 else float("nan")
+    half = z * sd / math.sqrt(n) if n > 1 else float("nan")
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
+
+
+# --- the pipeline ----------------------------------------------------------------------------------
+
+
+class Runner:
+    def __init__(self, study: Study, out: Path, runs: Path, progress: bool):
+        self.study, self.out, self.runs, self.progress = study, out, runs, progress
+
+    # conversions
+    def conversions(self) -> list[Conversion]:
+        s = self.study
+        order = [(64, 0), (16, 0)] + [(w, seed) for w, seeds in s.seeds.items() for seed in seeds if seed != 0]
+        return [Conversion(r, w, seed) for w, seed in order if seed in s.seeds.get(w, ()) for r in s.recipes]
+
+    def converted(self, c: Conversion) -> bool:
+        return (self.runs / c.name / "training_log.json").is_file() and (self.out / "conversions" / f"{c.name}.json").is_file()
+
+    def convert(self, c: Conversion) -> None:
+        from hf_hybrid_attn.cli import main as hf_hybrid
+
+        s = self.study
+        target = self.runs / c.name
+        if (target / "training_log.json").is_file():
+            log(f"skip convert {c.name}: finished")
+        else:
+            argv = ["convert", "--model", "smollm2", "--recipe", c.recipe, "--tokens", str(s.tokens),
+                    "--seq-len", str(s.seq_len), "--window", str(c.window), "--seed", str(c.seed),
+                    "--data-seed", str(DATA_SEED), "--data", "sotu", "--out", str(target), "--resume",
+                    "--set", f"finetune.eval_every={s.finetune_eval_every}",
+                    "--set", f"finetune.eval_blocks={s.finetune_eval_blocks}",
+                    "--set", f"finetune.share_blocks={s.share_blocks}"]
+            if s.num_layers:
+                argv += ["--num-layers", str(s.num_layers)]
+            if c.softmax_sinks:
+                argv += ["--set", f"hybrid.softmax_sinks={c.softmax_sinks}"]
+            if not self.progress:
+                argv.append("--no-progress")
+            log(f"convert {c.name}: hf-hybrid {' '.join(argv)}")
+            t0 = time.perf_counter()
+            with contextlib.redirect_stdout(sys.stderr):
+                rc = hf_hybrid(argv)
+            if rc:
+                raise SystemExit(f"convert {c.name}: hf-hybrid convert exited with {rc}")
+            log(f"converted {c.name} in {time.perf_counter() - t0:.0f} s")
+        record = json.loads((target / "training_log.json").read_text())
+        record["study_conversion"] = asdict(c)
+        _write_json(self.out / "conversions" / f"{c.name}.json", record)
+
+    # evaluation
+    def pieces(self, model_name: str, hybrid: bool, extra_tasks: dict | None = None) -> list[tuple[str, str, str]]:
+        """(kind, target, mode) of every evaluation piece of one model."""
+        s = self.study
+        modes = MODES if hybrid else ("base",)
+        out = [("ppl", corpus, m) for m in modes for corpus in CORPORA]
+        out += [("passkey", "passkey", m) for m in modes]
+        tasks = dict(s.zero_shot) if extra_tasks is None else dict(extra_tasks)
+        for t in tasks:
+            for m in modes:
+                if m == "linear_only" and (extra_tasks is not None or t not in s.zero_shot_linear_only):
+                    continue
+                out.append(("task", t, m))
+        if hybrid and extra_tasks is None:
+            out.append(("share", "share", "hybrid"))
+        return out
+
+    def piece_path(self, model_name: str, piece: tuple[str, str, str]) -> Path:
+        kind, target, mode = piece
+        return self.out / "eval" / model_name / f"{kind}_{target}_{mode}.json"
+
+    def evaluate(self, model_name: str, path: str, hybrid: bool, extra_tasks: dict | None = None) -> None:
+        todo = [p for p in self.pieces(model_name, hybrid, extra_tasks) if not self.piece_path(model_name, p).is_file()]
+        if not todo:
+            log(f"skip evaluate {model_name}{' (full suite)' if extra_tasks else ''}: finished")
+            return
+        import torch
+
+        from hf_hybrid_attn.evaluation.scorer import LoglikelihoodScorer
+        from hf_hybrid_attn.loading import cli_load_model
+
+        num_layers = self.study.num_layers if path == "smollm2" else None
+        model, tok = cli_load_model(path, "float32", num_layers, "cpu")
+        model.eval()
+        scorer = LoglikelihoodScorer(model, tok, batch_size=self.study.batch_size, progress=self.progress)
+        for piece in todo:
+            kind, target, mode = piece
+            log(f"evaluate {model_name}: {kind} {target} [{mode}]")
+            t0 = time.perf_counter()
+            with self._mode(model, mode), torch.no_grad():
+                result = getattr(self, f"_eval_{kind}")(model, tok, scorer, target)
+            result.update({"model": model_name, "kind": kind, "target": target, "mode": mode,
+                           "wall_s": round(time.perf_counter() - t0, 2)})
+            _write_json(self.piece_path(model_name, piece), result)
+        del model, scorer
+        gc.collect()
+
+    @staticmethod
+    def _mode(model, mode: str):
+        if mode == "base":
+            return contextlib.nullcontext()
+        from hf_hybrid_attn.modeling import component_mode
+
+        return component_mode(model, mode)
+
+    def _eval_ppl(self, model, tok, scorer, corpus: str) -> dict:
+        from hf_hybrid_attn.evaluation.perplexity import corpus_blocks, nll_per_position
+
+        s = self.study
+        # SOTU: the documents every conversion held out (data seed fixed); Austen: never trained on
+        held_out = (_val_fraction(), DATA_SEED) if corpus == "sotu" else None
+        blocks = corpus_blocks(tok, corpus, s.ppl_block_size, s.ppl_blocks, held_out=held_out)
+        per_block = [nll_per_position(model, blocks[i : i + 1], batch_size=1).tolist() for i in range(len(blocks))]
+        return {"blocks": len(per_block), "block_size": s.ppl_block_size, "nll": per_block}
+
+    def _eval_passkey(self, model, tok, scorer, _target: str) -> dict:
+        from hf_hybrid_attn.evaluation.probes import doc_lengths, key_distance, passkey_docs
+        from hf_hybrid_attn.evaluation.scorer import evaluate_docs
+
+        out = {}
+        for d in self.study.probe_distances:
+            docs = passkey_docs(tok, d, n_items=self.study.probe_items, seed=0)
+            res = evaluate_docs(scorer, docs, desc=f"passkey@{d}")
+            out[str(d)] = {"correct": [int(p["pred"] == p["gold"]) for p in res["predictions"]],
+                           "distance_tokens": key_distance(tok, docs[0]), "length": max(doc_lengths(tok, docs)),
+                           "chance": 1 / len(docs[0].choices)}
+        return {"distances": out}
+
+    def _eval_task(self, model, tok, scorer, task: str) -> dict:
+        from hf_hybrid_attn.evaluation.probes import doc_lengths
+        from hf_hybrid_attn.evaluation.scorer import evaluate_docs
+        from hf_hybrid_attn.evaluation.tasks import load_task, task_info
+
+        limit = {**self.study.zero_shot, **self.study.full_suite}[task]
+        docs = load_task(task, limit)
+        res = evaluate_docs(scorer, docs, desc=task)
+        metric = task_info(task).primary_metric
+        key = {"acc": "pred", "acc_norm": "pred_norm", "acc_norm_cont": "pred_norm_cont"}[metric]
+        return {"metric": metric, "doc_ids": [d.doc_id for d in docs], "lengths": doc_lengths(tok, docs),
+                "correct": [int(p[key] == p["gold"]) for p in res["predictions"]]}
+
+    def _eval_share(self, model, tok, scorer, _target: str) -> dict:
+        from hf_hybrid_attn.evaluation.perplexity import corpus_blocks
+        from hf_hybrid_attn.modeling import collect_linear_share, iter_hybrid_attention
+
+        blocks = corpus_blocks(tok, "sotu", self.study.ppl_block_size, self.study.share_blocks,
+                               held_out=(_val_fraction(), DATA_SEED))
+        share = collect_linear_share(model, blocks)
+        return {"share": share.float().tolist(), "layers": [i for i, _ in iter_hybrid_attention(model)]}
+
+    # the plan
+    def run(self) -> None:
+        t_start = time.perf_counter()
+        self.evaluate("teacher", "smollm2", hybrid=False)
+        for c in self.conversions():
+            self.convert(c)
+            self.evaluate(c.name, str(self.runs / c.name), hybrid=True)
+            self.report()
+        best = self.best_for_sinks()
+        if best is not None and self.study.softmax_sinks:
+            arm = Conversion(best, 64, 0, self.study.softmax_sinks)
+            self.convert(arm)
+            self.evaluate(arm.name, str(self.runs / arm.name), hybrid=True)
+        self.evaluate("teacher", "smollm2", hybrid=False, extra_tasks=self.study.full_suite)
+        for name in self.best_of_each_recipe().values():
+            self.evaluate(name, str(self.runs / name), hybrid=True, extra_tasks=self.study.full_suite)
+        self.report()
+        log(f"study {self.study.name} finished this sitting in {time.perf_counter() - t_start:.0f} s; "
+            f"report: {self.out / 'results.md'}")
+
+    def best_for_sinks(self) -> str | None:
+        """The w=64 recipe with the lowest hybrid perplexity beyond w on held-out SOTU (mean over seeds)."""
+        scores = {}
+        for r in self.study.recipes:
+            vals = [self._ppl(Conversion(r, 64, seed).name, "sotu", "hybrid", 64)
+                    for seed in self.study.seeds.get(64, ())]
+            vals = [v["beyond"] for v in vals if v is not None]
+            if vals:
+                scores[r] = sum(vals) / len(vals)
+        return min(scores, key=scores.get) if scores else None
+
+    def best_of_each_recipe(self) -> dict[str, str]:
+        """Per recipe, its conversion with the highest hybrid zero-shot average."""
+        out = {}
+        for r in self.study.recipes:
+            cands = {}
+            for c in self.conversions():
+                if c.recipe == r:
+                    scores = [self._task(c.name, t, "hybrid") for t in self.study.zero_shot]
+                    if all(s is not None for s in scores):
+                        cands[c.name] = sum(s["acc"] for s in scores) / len(scores)
+            if cands:
+                out[r] = max(cands, key=cands.get)
+        return out
+
+    # reading pieces back
+    def _piece(self, model: str, kind: str, target: str, mode: str):
+        return _read_json(self.piece_path(model, (kind, target, mode)))
+
+    def _ppl(self, model: str, corpus: str, mode: str, window: int) -> dict | None:
+        p = self._piece(model, "ppl", corpus, mode)
+        if p is None:
+            return None
+        return ppl_split(p["nll"], window)
+
+    def _task(self, model: str, task: str, mode: str, window: int | None = None) -> dict | None:
+        p = self._piece(model, "task", task, mode)
+        if p is None:
+            return None
+        return task_summary(p, window)
+
+    def report(self) -> None:
+        write_report(self)
+
+
+def _val_fraction() -> float:
+    from hf_hybrid_attn.documents import DEFAULT_VAL_FRACTION
+
+    return DEFAULT_VAL_FRACTION
+
+
+# --- summaries -------------------------------------------------------------------------------------
+
+
+def ppl_split(nll_blocks: list[list[float]], window: int) -> dict:
+    """Perplexity inside (query positions < w) and beyond, with the spread over blocks."""
+    def ppl(rows):
+        vals = [x for r in rows for x in r]
+        return math.exp(sum(vals) / len(vals)) if vals else float("nan")
+
+    inside = [r[:window] for r in nll_blocks]
+    beyond = [r[window:] for r in nll_blocks]
+    per_block = [math.exp(sum(r) / len(r)) for r in beyond if r]
+    return {"inside": ppl(inside), "beyond": ppl(beyond), "blocks": len(nll_blocks),
+            "beyond_block_sd": statistics.stdev(per_block) if len(per_block) > 1 else float("nan")}
+
+
+def task_summary(piece: dict, window: int | None) -> dict:
+    correct, lengths = piece["correct"], piece["lengths"]
+    n, k = len(correct), sum(correct)
+    out = {"acc": k / n, "n": n, "ci": wilson(k, n), "metric": piece["metric"]}
+    if window is not None:
+        long = [c for c, L in zip(correct, lengths) if L > window]
+        out["share_longer"] = len(long) / n
+        out["n_longer"] = len(long)
+        out["acc_longer"] = sum(long) / len(long) if long else float("nan")
+        out["ci_longer"] = wilson(sum(long), len(long))
+    return out
+
+
+def passkey_summary(piece: dict) -> dict:
+    return {d: {"acc": sum(v["correct"]) / len(v["correct"]), "n": len(v["correct"]),
+                "ci": wilson(sum(v["correct"]), len(v["correct"])), "length": v["length"],
+                "distance_tokens": v["distance_tokens"]} for d, v in piece["distances"].items()}
+
+
+def _fmt(x, digits=3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def _ci(ci) -> str:
+    return f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci and not math.isnan(ci[0]) else ""
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _models(runner: Runner) -> list[tuple[str, Conversion | None]]:
+    out = [("teacher", None)]
+    convs = runner.conversions()
+    best = runner.best_for_sinks()
+    if best is not None and runner.study.softmax_sinks:
+        convs.append(Conversion(best, 64, 0, runner.study.softmax_sinks))
+    out += [(c.name, c) for c in convs if (runner.out / "eval" / c.name).is_dir()]
+    return out
+
+
+def collect(runner: Runner) -> dict:
+    s = runner.study
+    res: dict = {"study": asdict(s), "machine": machine(), "models": {}, "conversions": {}}
+    for name, conv in _models(runner):
+        window = conv.window if conv else None
+        modes = MODES if conv else ("base",)
+        m: dict = {"conversion": asdict(conv) if conv else None, "ppl": {}, "passkey": {}, "tasks": {}, "wall_s": 0.0}
+        for piece in set(runner.pieces(name, conv is not None) + runner.pieces(name, conv is not None, s.full_suite)):
+            p = _read_json(runner.piece_path(name, piece))
+            if p is None:
+                continue
+            m["wall_s"] += p.get("wall_s", 0.0)
+        for corpus in CORPORA:
+            for mode in modes:
+                for w in ((window,) if window else sorted(s.seeds)):
+                    r = runner._ppl(name, corpus, mode, w)
+                    if r is not None:
+                        m["ppl"].setdefault(corpus, {}).setdefault(mode, {})[str(w)] = r
+        for mode in modes:
+            p = runner._piece(name, "passkey", "passkey", mode)
+            if p is not None:
+                m["passkey"][mode] = passkey_summary(p)
+        for t in {**s.zero_shot, **s.full_suite}:
+            for mode in modes:
+                for w in ((window,) if window else sorted(s.seeds)):
+                    r = runner._task(name, t, mode, w)
+                    if r is not None:
+                        m["tasks"].setdefault(t, {}).setdefault(mode, {})[str(w)] = r
+        share = runner._piece(name, "share", "share", "hybrid")
+        if share is not None:
+            m["share"] = share["share"]
+            m["share_per_layer"] = [sum(h) / len(h) for h in share["share"]]
+        # paired gap hybrid - swa_only per task (the same items), on all items and on items > w
+        if conv:
+            for t in s.zero_shot:
+                a, b = runner._piece(name, "task", t, "hybrid"), runner._piece(name, "task", t, "swa_only")
+                if a and b:
+                    longer = [i for i, L in enumerate(a["lengths"]) if L > window]
+                    m.setdefault("gap", {})[t] = {
+                        "all": paired_diff(a["correct"], b["correct"]),
+                        "longer": paired_diff([a["correct"][i] for i in longer], [b["correct"][i] for i in longer])
+                        if longer else None}
+        res["models"][name] = m
+        if conv:
+            rec = _read_json(runner.out / "conversions" / f"{name}.json")
+            if rec:
+                res["conversions"][name] = conversion_summary(rec)
+    return res
+
+
+def conversion_summary(rec: dict) -> dict:
+    stages = {}
+    for k, v in rec["stages"].items():
+        stages[k] = {key: v.get(key) for key in ("tokens", "tokens_per_s", "wall_s", "initial_val_loss",
+                                                  "final_val_loss", "best_val_loss", "steps_done", "stopped_early")}
+        if v.get("linear_share_curve"):
+            stages[k]["linear_share_curve"] = [{"step": h["step"], "linear_share": h["linear_share"]}
+                                               for h in v["linear_share_curve"]]
+    return {"stages": stages, "val_loss_by_mode": rec.get("val_loss_by_mode"),
+            "wall_s": rec.get("wall_s_including_load"), "argv": rec.get("argv")}
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__}
+
+
+def teacher_average(res: dict, window: int, tasks) -> float | None:
+    t = res["models"].get("teacher", {}).get("tasks", {})
+    vals = [t.get(task, {}).get("base", {}).get(str(window), {}).get("acc") for task in tasks]
+    return sum(vals) / len(vals) if vals and all(v is not None for v in vals) else None
+
+
+def render(res: dict) -> str:
+    s = res["study"]
+    zs = list(s["zero_shot"])
+    cut = f" cut to {s['num_layers']} layers" if s["num_layers"] else ""
+    lines = [f"# Reproduction study ({s['name']})", "",
+             f"Machine: {res['machine']['cpu']}, {res['machine']['cores']} cores, torch {res['machine']['torch']}. "
+             f"Teacher: SmolLM2-135M{cut}; "
+             f"{s['tokens']} tokens per conversion at seq {s['seq_len']}, data seed {DATA_SEED}. "
+             "Generated by `examples/reproduce_paper.py`" + (" --smoke" if s["name"] == "smoke" else "") + ".", ""]
+
+    # conversions
+    rows = []
+    for name, c in res["conversions"].items():
+        st = c["stages"]
+        rows.append([name] + [f"{_fmt(st.get(k, {}).get('tokens'))} @ {_fmt(st.get(k, {}).get('tokens_per_s'), 0)}/s"
+                              for k in ("transfer", "finetune")]
+                    + [_fmt(c["wall_s"], 0), _fmt(st.get("finetune", {}).get("final_val_loss")),
+                       " → ".join(_fmt(h["linear_share"], 2) for h in st.get("finetune", {}).get("linear_share_curve", []))])
+    lines += ["## Conversions", "", *_table(["model", "stage 1 tokens @ tok/s", "stage 2 tokens @ tok/s", "wall s",
+                                             "stage-2 val loss", "LA share during stage 2 (each eval)"], rows), ""]
+
+    # perplexity
+    for corpus in CORPORA:
+        rows = []
+        for name, m in res["models"].items():
+            for mode, by_w in m["ppl"].get(corpus, {}).items():
+                for w, r in by_w.items():
+                    rows.append([name, mode, w, _fmt(r["inside"], 2), _fmt(r["beyond"], 2), _fmt(r["beyond_block_sd"], 2)])
+        lines += [f"## Perplexity, {corpus} ({'held-out speeches' if corpus == 'sotu' else 'never trained on'}),"
+                  f" {s['ppl_blocks']} blocks of {s['ppl_block_size']}", "",
+                  *_table(["model", "mode", "w", "inside w", "beyond w", "sd over blocks (beyond)"], rows), ""]
+
+    # passkey
+    dists = [str(d) for d in s["probe_distances"]]
+    rows = []
+    for name, m in res["models"].items():
+        for mode, by_d in m["passkey"].items():
+            rows.append([name, mode] + [f"{by_d[d]['acc']:.2f}" if d in by_d else "–" for d in dists])
+    lengths = next((m["passkey"][md] for m in res["models"].values() for md in m["passkey"]), {})
+    lines += [f"## Passkey retrieval ({s['probe_items']} items per distance, 5 choices, chance 0.20)", "",
+              "Prompt length (tokens) per distance: " + ", ".join(f"{d}: {lengths[d]['length']}" for d in dists if d in lengths), "",
+              *_table(["model", "mode"] + [f"@{d}" for d in dists], rows), ""]
+
+    # zero-shot
+    rows = []
+    for name, m in res["models"].items():
+        for t in [*zs, *s["full_suite"]]:
+            for mode, by_w in m["tasks"].get(t, {}).items():
+                for w, r in by_w.items():
+                    rows.append([name, t, mode, w, f"{r['acc']:.3f} {_ci(r['ci'])}", f"{r['share_longer']:.2f}",
+                                 f"{_fmt(r['acc_longer'])} {_ci(r['ci_longer'])} (n={r['n_longer']})"])
+    lines += ["## Zero-shot (primary metric, 95% Wilson intervals)", "",
+              *_table(["model", "task", "mode", "w", "score", "share of items > w", "score on items > w"], rows), ""]
+
+    # paired gaps
+    rows = []
+    for name, m in res["models"].items():
+        for t, g in m.get("gap", {}).items():
+            lo = g["longer"]
+            rows.append([name, t, f"{g['all']['mean']:+.3f} [{g['all']['low']:+.3f}, {g['all']['high']:+.3f}]",
+                         f"{lo['mean']:+.3f} [{lo['low']:+.3f}, {lo['high']:+.3f}] (n={lo['n']})" if lo else "–"])
+    lines += ["## hybrid − swa_only on the same items (paired, 95% normal interval)", "",
+              *_table(["model", "task", "all items", "items > w"], rows), ""]
+
+    # fraction of the teacher
+    rows = []
+    for name, m in res["models"].items():
+        conv = m["conversion"]
+        if not conv:
+            continue
+        w = conv["window"]
+        base = teacher_average(res, w, zs)
+        for mode in ("hybrid", "swa_only"):
+            vals = [m["tasks"].get(t, {}).get(mode, {}).get(str(w), {}).get("acc") for t in zs]
+            if base and all(v is not None for v in vals):
+                rows.append([name, mode, f"{sum(vals) / len(vals):.3f}", f"{100 * sum(vals) / len(vals) / base:.1f}%"])
+        lin = m["tasks"].get("arc_easy", {}).get("linear_only", {}).get(str(w))
+        tb = res["models"].get("teacher", {}).get("tasks", {}).get("arc_easy", {}).get("base", {}).get(str(w))
+        if lin and tb:
+            rows.append([name, "linear_only (ARC-E only)", f"{lin['acc']:.3f}", f"{100 * lin['acc'] / tb['acc']:.1f}%"])
+    lines += [f"## Share of the teacher's zero-shot average ({', '.join(zs)})", "",
+              *_table(["model", "mode", "average", "of teacher"], rows), ""]
+
+    # seeds
+    rows = []
+    by_recipe: dict = {}
+    for m in res["models"].values():
+        conv = m["conversion"]
+        if conv and not conv["softmax_sinks"]:
+            r = m["ppl"].get("sotu", {}).get("hybrid", {}).get(str(conv["window"]))
+            if r:
+                by_recipe.setdefault((conv["recipe"], conv["window"]), []).append(r["beyond"])
+    for (recipe, w), vals in sorted(by_recipe.items()):
+        spread = f"{(max(vals) - min(vals)) / 2:.2f}" if len(vals) > 1 else "–"
+        rows.append([recipe, str(w), str(len(vals)), f"{statistics.fmean(vals):.2f}", spread])
+    lines += ["## Seed spread: hybrid perplexity beyond w, SOTU", "",
+              *_table(["recipe", "w", "seeds", "mean", "half-range"], rows), ""]
+
+    wall = sum(c["wall_s"] or 0 for c in res["conversions"].values())
+    ev = sum(m["wall_s"] for m in res["models"].values())
+    lines += ["## Cost", "", f"Conversions {wall / 3600:.2f} h, evaluation {ev / 3600:.2f} h of wall time on this machine.", ""]
+    for png in ("perplexity_beyond.png", "passkey.png", "linear_share.png"):
+        lines.append(f"![{png}]({png})")
+    return "\n".join(lines) + "\n"
+
+
+def plots(res: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = [(n, m) for n, m in res["models"].items() if m["conversion"]]
+    if not models:
+        return
+    # perplexity beyond w per mode
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(models) + 2), 4))
+    width = 0.27
+    for j, mode in enumerate(MODES):
+        ys = [m["ppl"].get("sotu", {}).get(mode, {}).get(str(m["conversion"]["window"]), {}).get("beyond", float("nan"))
+              for _, m in models]
+        ax.bar([i + (j - 1) * width for i in range(len(models))], ys, width, label=mode)
+    t = res["models"].get("teacher", {}).get("ppl", {}).get("sotu", {}).get("base", {})
+    if "64" in t:
+        ax.axhline(t["64"]["beyond"], color="k", ls="--", lw=1, label="teacher (beyond 64)")
+    ax.set_xticks(range(len(models)), [n for n, _ in models], rotation=60, ha="right", fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("perplexity beyond w (held-out SOTU)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "perplexity_beyond.png", dpi=110)
+    plt.close(fig)
+    # passkey
+    dists = [str(d) for d in res["study"]["probe_distances"]]
+    fig, axes = plt.subplots(1, len(MODES), figsize=(12, 3.6), sharey=True)
+    for ax, mode in zip(axes, MODES):
+        for n, m in [("teacher", res["models"].get("teacher"))] + models:
+            if m is None:
+                continue
+            by_d = m["passkey"].get("base" if n == "teacher" else mode)
+            if by_d:
+                ax.plot([int(d) for d in dists], [by_d[d]["acc"] for d in dists], marker="o", ms=3, label=n,
+                        color="k" if n == "teacher" else None, lw=2 if n == "teacher" else 1)
+        ax.set_xscale("log", base=2)
+        ax.axhline(0.2, color="gray", ls=":", lw=1)
+        ax.set_title(mode)
+        ax.set_xlabel("key distance (tokens)")
+    axes[0].set_ylabel("passkey accuracy")
+    axes[-1].legend(fontsize=6, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(out / "passkey.png", dpi=110)
+    plt.close(fig)
+    # LA share: final per layer, and during stage 2
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for n, m in models:
+        if "share_per_layer" in m:
+            a1.plot(m["share_per_layer"], label=n, lw=1)
+        curve = res["conversions"].get(n, {}).get("stages", {}).get("finetune", {}).get("linear_share_curve")
+        if curve:
+            a2.plot([h["step"] for h in curve], [h["linear_share"] for h in curve], marker=".", label=n, lw=1)
+    a1.set_xlabel("layer")
+    a1.set_ylabel("LA share of the normaliser (positions ≥ w)")
+    a2.set_xlabel("stage-2 optimizer step")
+    a2.set_ylabel("mean LA share")
+    a2.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "linear_share.png", dpi=110)
+    plt.close(fig)
+
+
+def write_report(runner: Runner) -> None:
+    res = collect(runner)
+    _write_json(runner.out / "results.json", res)
+    (runner.out / "results.md").write_text(render(res))
+    plots(res, runner.out)
+
+
+# --- command line ----------------------------------------------------------------------------------
+
+
+def plan_text(runner: Runner) -> str:
+    lines = [f"study {runner.study.name}: out {runner.out}, runs {runner.runs}"]
+    done = lambda name, hybrid: all(runner.piece_path(name, p).is_file() for p in runner.pieces(name, hybrid))  # noqa: E731
+    lines.append(f"  evaluate teacher: {'done' if done('teacher', False) else 'to do'}")
+    for c in runner.conversions():
+        lines.append(f"  {c.name}: convert {'done' if runner.converted(c) else 'to do'}, "
+                     f"evaluate {'done' if done(c.name, True) else 'to do'}")
+    lines.append(f"  then: the softmax-sinks arm (best w=64 recipe so far: {runner.best_for_sinks()}), "
+                 "and the five-task suite for the best model of each recipe")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="the same pipeline on a 2-layer cut, tiny budgets (CI)")
+    ap.add_argument("--out", default=None, help="results folder (default benchmarks/results/reproduction[_smoke])")
+    ap.add_argument("--runs", default=None, help="converted checkpoints (default runs/reproduction[_smoke])")
+    ap.add_argument("--tokens", type=int, default=None, help="override the tokens per conversion")
+    ap.add_argument("--plan", action="store_true", help="print what would run and what is finished, run nothing")
+    ap.add_argument("--report-only", action="store_true", help="rebuild results.{json,md} and the plots only")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    study = SMOKE if args.smoke else FULL
+    if args.tokens is not None:
+        if args.tokens < study.seq_len * 8:
+            raise SystemExit(f"--tokens: expected at least one optimizer step ({study.seq_len * 8}), got {args.tokens}")
+        study = replace(study, tokens=args.tokens)
+    suffix = "_smoke" if args.smoke else ""
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"reproduction{suffix}")
+    runs = Path(args.runs or ROOT / "runs" / f"reproduction{suffix}")
+    stamp = out / "study.json"
+    if stamp.is_file() and _read_json(stamp)["study"] != json.loads(json.dumps(asdict(study))):
+        raise SystemExit(f"--out: {out} holds results of a differently sized study ({stamp}); "
+                         "use another --out or remove it")
+    _write_json(stamp, {"study": asdict(study)})
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    runner = Runner(study, out, runs, progress=not args.no_progress)
+    if args.plan:
+        print(plan_text(runner))
+        return 0
+    if args.report_only:
+        runner.report()
+        return 0
+    runner.run()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
