@@ -72,10 +72,30 @@ def test_attn_ce_memory_is_chunked():
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            attn_ce_loss(q, k, phi_q, phi_k, 0.5, key_valid, chunk_size=16)
-        return max(sizes)
+            attn_ce_loss(q, k, phi_q, phi_k, 0.5, key_valid, chunk_size=16, recompute_budget=budget)
+        return max(sizes), sum(sizes)
 
-    assert saved_elems(512) <= 2 * 512 * 16 * 2  # largest saved tensor is O(T * chunk), not T^2 (=262144)
+    budget = 0  # above the budget: chunks are recomputed in the backward
+    biggest, total = saved_elems(512)
+    assert biggest <= 2 * 512 * 16 * 2  # largest saved tensor is O(T * chunk), not T^2 (=262144)
+    assert total < 2 * 512 * 512 / 2  # in all, less than one causal weight matrix is kept
+    budget = 2**24  # at or below it: the chunks' weights are kept (no recompute), only causal prefixes
+    biggest, total = saved_elems(512)
+    assert biggest <= 2 * 512 * 16 and 2 * 512 * 512 / 2 < total < 2 * 512 * 512 * 4
+
+
+def test_attn_ce_recompute_or_not_gives_the_same_value_and_gradients():
+    q, k, phi_q, phi_k, key_valid = _inputs(T=53)
+    ref = _dense_attn_ce(q, k, phi_q, phi_k, 0.35, key_valid)
+    g_ref = torch.autograd.grad(ref, (phi_q, phi_k))
+    for budget in (0, 2**24):
+        for chunk in (7, 53):
+            val = attn_ce_loss(q, k, phi_q, phi_k, 0.35, key_valid, chunk_size=chunk, recompute_budget=budget)
+            torch.testing.assert_close(val, ref, rtol=1e-12, atol=1e-12)
+            for a, b in zip(torch.autograd.grad(val, (phi_q, phi_k)), g_ref):
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="recompute_budget"):
+        attn_ce_loss(q, k, phi_q, phi_k, 0.35, key_valid, recompute_budget=-1)
 
 
 def test_output_mse_ignores_padding_and_checks_shapes():

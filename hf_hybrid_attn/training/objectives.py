@@ -49,7 +49,9 @@ def _chunk_ce_sum(q_c, k_pre, phi_q_c, phi_k_pre, log_den_c, allowed_keys, query
         scores = scores.masked_fill(~mask, float("-inf"))
         teacher = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no key (padding) -> 0
     num = torch.matmul(phi_q_c, phi_k_pre.transpose(-1, -2))
-    log_num = torch.log(num.clamp_min(eps)).masked_fill(~mask, 0.0)
+    # log_num is finite everywhere (clamped) and the teacher weight of every masked key is exactly 0,
+    # so masked keys add exactly 0 to the sum and to its gradient: no masking pass is needed
+    log_num = torch.log(num.clamp_min(eps))
     ce = log_den_c - (teacher * log_num).sum(-1)  # [B,H,c]
     return (ce * query_weight_c[:, None, :]).sum()
 
@@ -63,6 +65,7 @@ def attn_ce_loss(
     key_valid: torch.Tensor | None = None,
     chunk_size: int = 256,
     eps: float = 1e-12,
+    recompute_budget: int = 2**24,
 ) -> torch.Tensor:
     """Hedgehog attention-weight cross-entropy over the full causal prefix (SPEC §3, `attn_ce`).
 
@@ -70,9 +73,12 @@ def attn_ce_loss(
     Student P_ij = phi_q_i.phi_k_j / phi_q_i.(sum_{valid j' <= i} phi_k_j'), the linear_only weights.
     Returns the mean over heads and valid queries of -sum_j A_ij log P_ij.
 
-    Queries are processed in chunks of `chunk_size`; each chunk is recomputed in the backward
-    (activation checkpointing), so memory is O(T * chunk) instead of O(T^2). The teacher weights
-    are computed without gradient (q and k are the frozen teacher's)."""
+    Queries are processed in chunks of `chunk_size` against their causal prefix only (about half
+    the T x T products). When the whole weight matrix [B, H, T, T] has more than `recompute_budget`
+    elements (default 2^24, 64 MiB in fp32), each chunk is recomputed in the backward (activation
+    checkpointing), so memory is O(T * chunk) instead of O(T^2); at or below it (stage 1 at seq 512:
+    9 heads x 512^2 = 2.4M) the chunks are kept for the backward, which saves the recompute. The
+    teacher weights are computed without gradient (q and k are the frozen teacher's)."""
     if q.dim() != 4 or k.dim() != 4 or phi_q.dim() != 4 or phi_k.dim() != 4:
         raise ValueError("q, k, phi_q, phi_k: expected 4-D tensors [batch, heads, seq, dim]")
     B, H, T, _ = q.shape
@@ -85,6 +91,8 @@ def attn_ce_loss(
         )
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size: expected an integer >= 1, got {chunk_size!r}")
+    if isinstance(recompute_budget, bool) or not isinstance(recompute_budget, int) or recompute_budget < 0:
+        raise ValueError(f"recompute_budget: expected an integer >= 0 (elements), got {recompute_budget!r}")
     if key_valid is None:
         key_valid = torch.ones(B, T, dtype=torch.bool, device=q.device)
     if key_valid.shape != (B, T) or key_valid.dtype != torch.bool:
@@ -101,13 +109,14 @@ def attn_ce_loss(
 
     total = q.new_zeros(())
     needs_grad = torch.is_grad_enabled() and (phi_q.requires_grad or phi_k.requires_grad)
+    recompute = needs_grad and B * H * T * T > recompute_budget
     for start in range(0, T, chunk_size):
         stop = min(start + chunk_size, T)
         args = (
             q[:, :, start:stop], k[:, :, :stop], phi_q[:, :, start:stop], phi_k[:, :, :stop],
             log_den[:, :, start:stop], key_valid[:, :stop], query_weight[:, start:stop], start, scale, eps,
         )
-        if needs_grad and stop - start < T:
+        if recompute and stop - start < T:
             total = total + checkpoint(_chunk_ce_sum, *args, use_reentrant=False)
         else:
             total = total + _chunk_ce_sum(*args)
