@@ -141,3 +141,10 @@ def test_missing_model(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no config.json"):
         main(["convert", "--model", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--tokens", "1k"])
+
+
+def test_seed_reaches_the_ssd_draws(assets, tmp_path):
+    out = tmp_path / "ssd"
+    assert main(_argv(assets, out, "--recipe", "ssd", "--tokens", "1200", "--seed", "3")) == 0
+    cfg = json.loads((out / "training_log.json").read_text())["recipe_config"]
+    assert cfg["ssd"]["seed"] == 3 and cfg["finetune"]["seed"] == 3

@@ -118,6 +118,8 @@ def _overrides(args) -> dict[str, Any]:
     if args.bf16:
         o["transfer.bf16"] = o["finetune.bf16"] = True
     o["transfer.seed"] = o["finetune.seed"] = args.seed
+    if args.recipe in RECIPES and RECIPES[args.recipe]().ssd is not None:
+        o["ssd.seed"] = args.seed  # the SSD drop draws follow --seed too
     if args.no_merge:
         o["finetune.merge"] = False
     o.update(_parse_set(args.set))
