@@ -30,6 +30,7 @@ COMPONENTS = {
     "diagnostics": (4, ("diagnostics",)),
     "hub": (4, ("hub",)),
     "testing": (4, ("testing",)),
+    "serving": (4, ("serving",)),
     "cli": (5, ("cli", "demo", "")),  # "" = the package facade, hf_hybrid_attn/__init__.py
 }
 

@@ -81,7 +81,7 @@ def check_checkpoint_config(config_dict: dict, source: str = "config.json") -> N
     base = model_type[len("hybrid_"):] if model_type.startswith("hybrid_") else model_type
     if base not in VLLM_FAMILIES:
         raise ValueError(
-            f"{source}: model_type {model_type!r} is a hybrid_attn checkpoint of a family the vLLM plugin does not "
+            f"{source}: model_type {model_type!r} is an hf_hybrid_attn checkpoint of a family the vLLM plugin does not "
             f"serve; expected one of {sorted('hybrid_' + t for t in VLLM_FAMILIES)}"
         )
     expected = architecture_name(base)
@@ -538,10 +538,11 @@ def _patch_is_hybrid() -> None:
 
 def register() -> None:
     """The `vllm.general_plugins` entry point: registers the hybrid architectures (idempotent)."""
-    import hf_hybrid_attn  # noqa: F401  (registers the hybrid_<family> configs with transformers)
-    import transformers  # noqa: F401  (the registration completes on transformers' import)
+    import transformers  # noqa: F401  (the package registers hybrid_<family> with transformers on its import)
     from vllm import ModelRegistry
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
+    from .. import modeling  # noqa: F401
 
     for arch in ARCHITECTURES:
         ModelRegistry.register_model(arch, f"{__name__}:{arch}")

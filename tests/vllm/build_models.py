@@ -26,10 +26,10 @@ def tiny_teacher(family: str, seed: int):
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+    common = dict(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                   initializer_range=0.2, tie_word_embeddings=False, rms_norm_eps=1e-6)
-    cfg = LlamaConfig(**common) if family == "llama" else Qwen3Config(head_dim=16, **common)
+    cfg = LlamaConfig(**common) if family == "llama" else Qwen3Config(head_dim=32, **common)
     return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
 
 

