@@ -72,7 +72,8 @@ def test_encode_pair_moves_trailing_space_and_uses_prefix_for_empty_context():
 def test_scorer_loglikelihoods_equal_hand_computation(padding_side, batch_size):
     model, tok = BigramLM(), CharTokenizer()
     reqs = [("abc", " d"), ("a", " bcd"), ("abc", " e"), ("hgf", "e"), ("", "ab")]
-    s = LoglikelihoodScorer(model, tok, batch_size=batch_size, padding_side=padding_side, progress=False)
+    s = LoglikelihoodScorer(model, tok, batch_size=batch_size, padding_side=padding_side, progress=False,
+                             share_context=False)
     got = s.loglikelihood(reqs)
     for (ctx, cont), (ll, greedy) in zip(reqs, got):
         c, x = encode_pair(tok, ctx, cont)
@@ -88,7 +89,7 @@ def test_scorer_loglikelihoods_equal_hand_computation(padding_side, batch_size):
 def test_scorer_runs_each_distinct_input_once():
     """MMLU-style: four one-token answers share one context -> one model input, one row."""
     model, tok = BigramLM(), CharTokenizer()
-    s = LoglikelihoodScorer(model, tok, batch_size=8, progress=False)
+    s = LoglikelihoodScorer(model, tok, batch_size=8, progress=False, share_context=False)
     out = s.loglikelihood([("abc", " a"), ("abc", " b"), ("abc", " c"), ("abc", " d")])
     assert s.stats["sequences"] == 1 and s.stats["forwards"] == 1
     lp = torch.log_softmax(model.table.detach(), -1)
@@ -103,7 +104,7 @@ def test_scorer_keeps_no_vocabulary_log_probs_between_batches(monkeypatch):
     import weakref
 
     model, tok = BigramLM(), CharTokenizer()
-    s = LoglikelihoodScorer(model, tok, batch_size=1, progress=False)
+    s = LoglikelihoodScorer(model, tok, batch_size=1, progress=False, share_context=False)
     produced, alive_at_call = [], []
     real_forward = s._forward
 
@@ -118,13 +119,13 @@ def test_scorer_keeps_no_vocabulary_log_probs_between_batches(monkeypatch):
     reqs = [("abc", " d"), ("a", " bcd"), ("hgf", "e"), ("ab", "ab"), ("b", " aaa")]
     got = s.loglikelihood(reqs)
     assert len(alive_at_call) == len(reqs) and alive_at_call == [0] * len(reqs)
-    assert got == LoglikelihoodScorer(model, tok, batch_size=4, progress=False).loglikelihood(reqs)
+    assert got == LoglikelihoodScorer(model, tok, batch_size=4, progress=False, share_context=False).loglikelihood(reqs)
 
 
 def test_scorer_truncates_from_the_left_like_lm_eval():
     model, tok = BigramLM(), CharTokenizer()
     model.config.max_position_embeddings = 4
-    s = LoglikelihoodScorer(model, tok, progress=False)
+    s = LoglikelihoodScorer(model, tok, progress=False, share_context=False)
     (ll, _), = s.loglikelihood([("abcdefg", " h")])
     assert max(shape[1] for shape in model.calls) == 4  # the model never reads more than max_length
     assert ll == pytest.approx(_hand_ll(model, [2, 3, 4, 5, 6, 7, 8, 1, 9], 2), abs=1e-5)
@@ -242,17 +243,20 @@ def test_lm_eval_and_independent_scorer_agree(teacher2):
 
     model, tok = teacher2
     limits = {"piqa": 5, "arc_easy": 5, "winogrande": 4, "hellaswag": 3, "mmlu_anatomy": 3}
-    s = LoglikelihoodScorer(model, tok, batch_size=8, progress=False)
+    scorers = {share: LoglikelihoodScorer(model, tok, batch_size=8, progress=False, share_context=share)
+               for share in (True, False)}  # contexts read once (the default) and the plain full forwards
     for name, limit in limits.items():
-        ours = scorer.evaluate_task(s, name, limit, keep_predictions=True)
         theirs = run_lm_eval(model, tok, [name], limit=limit, batch_size=8, keep_predictions=True)[name]
-        assert theirs["n"] == ours["n"] == limit
-        for a, b in zip(ours["predictions"], theirs["predictions"]):
-            assert (a["pred"], a["pred_norm"], a["gold"]) == (b["pred"], b["pred_norm"], b["gold"]), name
-            torch.testing.assert_close(torch.tensor(a["lls"]), torch.tensor(b["lls"]), rtol=1e-5, atol=2e-3)
-        for metric in ("acc", "acc_norm"):
-            if metric in theirs:
-                assert ours[metric] == theirs[metric], (name, metric)
+        for s in scorers.values():
+            ours = scorer.evaluate_task(s, name, limit, keep_predictions=True)
+            assert theirs["n"] == ours["n"] == limit
+            for a, b in zip(ours["predictions"], theirs["predictions"]):
+                assert (a["pred"], a["pred_norm"], a["gold"]) == (b["pred"], b["pred_norm"], b["gold"]), name
+                torch.testing.assert_close(torch.tensor(a["lls"]), torch.tensor(b["lls"]), rtol=1e-5, atol=2e-3)
+            for metric in ("acc", "acc_norm"):
+                if metric in theirs:
+                    assert ours[metric] == theirs[metric], (name, metric)
+    assert scorers[True].stats["tokens"] < 0.9 * scorers[False].stats["tokens"]  # ARC and MMLU share contexts
 
 
 def test_lm_eval_follows_component_mode_switches(teacher2):
@@ -275,6 +279,29 @@ def test_lm_eval_follows_component_mode_switches(teacher2):
 
 
 # --- perplexity and probes ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["base", "hybrid", "swa_only", "linear_only", "sinks_only"])
+def test_shared_context_scoring_equals_full_forwards_in_every_mode(teacher2, mode):
+    """Contexts read once with the cache, continuations on repeated cache rows: the same
+    log-likelihoods as one full forward per request, for the teacher and for a hybrid in each
+    component mode (w=8, so contexts and continuations cross the window and the linear state)."""
+    import hf_hybrid_attn as hha
+
+    model, tok = assets.load_teacher(num_layers=2)
+    if mode != "base":
+        hha.convert(model, hha.HybridConfig(window=8))
+        hha.set_component_mode(model, mode)
+    docs = (tasks.load_task("hellaswag", limit=3) + tasks.load_task("arc_easy", limit=3)
+            + tasks.load_task("mmlu_anatomy", limit=1) + probes.passkey_docs(tok, 40, n_items=2))
+    reqs = [r for d in docs for r in d.requests]
+    shared = LoglikelihoodScorer(model, tok, batch_size=7, progress=False)
+    plain = LoglikelihoodScorer(model, tok, batch_size=7, progress=False, share_context=False)
+    a, b = shared.loglikelihood(reqs), plain.loglikelihood(reqs)
+    torch.testing.assert_close(torch.tensor([x for x, _ in a]), torch.tensor([x for x, _ in b]), rtol=1e-5, atol=2e-3)
+    assert [g for _, g in a] == [g for _, g in b]
+    assert shared.stats["tokens"] < 0.6 * plain.stats["tokens"]
+    assert shared.stats["forwards"] >= 2  # contexts, then continuations on the cache
 
 
 def test_perplexity_by_position_by_hand():
