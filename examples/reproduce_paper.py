@@ -692,7 +692,32 @@ def plan_text(runner: Runner) -> str:
                      f"evaluate {'done' if done(c.name, True) else 'to do'}")
     lines.append(f"  then: the softmax-sinks arm (best w=64 recipe so far: {runner.best_for_sinks()}), "
                  "and the five-task suite for the best model of each recipe")
+    est = estimate(runner)
+    if est:
+        lines.append(f"  measured so far: {est['done_h']:.2f} h; estimated remaining {est['left_h']:.2f} h "
+                     f"(conversion {est['conversion_h']:.2f} h each, evaluation {est['evaluation_h']:.2f} h per "
+                     "converted model, from the finished ones)")
     return "\n".join(lines)
+
+
+def estimate(runner: Runner) -> dict | None:
+    """Hours spent and left, from the wall times of finished conversions and evaluation pieces."""
+    conv = [_read_json(runner.out / "conversions" / f"{c.name}.json") for c in runner.conversions()]
+    conv_s = [c.get("wall_s_including_load") for c in conv if c]
+    ev = {}
+    for c in runner.conversions():
+        pieces = [_read_json(runner.piece_path(c.name, p)) for p in runner.pieces(c.name, True)]
+        if all(pieces):
+            ev[c.name] = sum(p["wall_s"] for p in pieces)
+    if not conv_s or not ev:
+        return None
+    per_conv, per_eval = statistics.fmean(conv_s) / 3600, statistics.fmean(ev.values()) / 3600
+    n = len(runner.conversions()) + (1 if runner.study.softmax_sinks else 0)
+    left = (n - len(conv_s)) * per_conv + (n - len(ev)) * per_eval
+    teacher = sum((_read_json(runner.piece_path("teacher", p)) or {}).get("wall_s", 0)
+                  for p in runner.pieces("teacher", False)) / 3600
+    return {"done_h": sum(conv_s) / 3600 + sum(ev.values()) / 3600 + teacher, "left_h": left,
+            "conversion_h": per_conv, "evaluation_h": per_eval}
 
 
 def main(argv: list[str] | None = None) -> int:
