@@ -4,7 +4,9 @@ Per converted layer it keeps, in place, preallocated once (`kernels.decode.Decod
   - a ring of the last w-1 raw keys/values and their validity (position p in slot p % (w-1)):
     the softmax window of the next query, minus itself;
   - the fp32 recurrent state S = sum phi_k v^T and z = sum phi_k over every older valid token;
-  - the first `num_sinks` valid keys/values, for the `sinks_only` diagnostic mode.
+  - the first `num_sinks` valid keys/values, for the `sinks_only` diagnostic mode; with the softmax
+    sinks arm (`softmax_sinks` = n > 0, SPEC §2) the first max(num_sinks, n) ones: the first n are
+    the softmax sinks, attended by every later query and never folded into (S, z).
 phi_k is not stored: a decode step maps the new key and the one key leaving the window (the ring
 of phi_k would be (H / Hkv) * (F' / D) times the k ring: 6x for SmolLM2 at the defaults).
 
@@ -27,12 +29,15 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, Dynam
 from .config import HybridConfig
 from .config import teacher_windows as _teacher_windows
 from .kernels.decode import DecodeCache, fold_into_state
+from .kernels.reference import softmax_sink_mask
 from .layers import first_valid, sink_candidates
 
 
 class HybridCacheLayer(CacheLayerMixin):
     is_compileable = False
     is_sliding = False
+    #: keeps the softmax sinks (HybridConfig.softmax_sinks > 0) beside the ring, outside the state
+    supports_softmax_sinks = True
 
     def __init__(self, **kwargs):
         super().__init__()
@@ -156,19 +161,33 @@ class HybridCacheLayer(CacheLayerMixin):
                 and self.keys.dtype == dtype and self.keys.device == torch.device(device)
                 and self.keys.shape[0] == batch)
 
-    def after_decode(self, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor, num_sinks: int) -> None:
+    def softmax_sinks_of(self, n: int, before: int | None = None):
+        """The softmax sinks kept so far, (k, v, positions [B,S], valid [B,S]), valid only for the first
+        n valid tokens of each row (and, with `before`, at positions < before); None before any."""
+        if self.sinks is None or n == 0:
+            return None
+        sk, sv, spos, svalid = self.sinks
+        valid = svalid & (svalid.long().cumsum(1) <= n)
+        if before is not None:
+            valid = valid & (spos < before)
+        return sk, sv, spos, valid
+
+    def after_decode(self, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor, num_sinks: int,
+                     softmax_sinks: int = 0) -> None:
         """After a decode kernel advanced the ring and state in place: the bookkeeping."""
         if self._pending != 1:
             raise RuntimeError("HybridCacheLayer.after_decode() expects exactly one pending token from update()")
         self.position += 1
-        self._advance_sinks(k, v, key_valid, 0, self.cumulative_length - 1, num_sinks)
+        self._advance_sinks(k, v, key_valid, 0, self.cumulative_length - 1, max(num_sinks, softmax_sinks))
         self._pending = 0
 
     @torch.no_grad()
     def advance(self, k, v, phi_k, key_valid, window: int, num_sinks: int, inplace: bool = True,
-                state: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                state: tuple[torch.Tensor, torch.Tensor] | None = None, softmax_sinks: int = 0) -> None:
         """The general path, after attending (window tokens + new tokens) = k, v, phi_k, key_valid:
-        fold all but the last w-1 into the state, lay the last w-1 into the ring.
+        fold all but the last w-1 into the state, lay the last w-1 into the ring. With
+        `softmax_sinks` = n > 0 the sinks (the first n valid tokens of the row) are not folded (SPEC
+        §2, "Softmax sinks"); with `state` the caller has already left them out.
 
         inplace: add into the existing state tensors (no new state tensor); the layer passes False
         when autograd may have saved the state for a backward through this step. The fold is
@@ -193,7 +212,12 @@ class HybridCacheLayer(CacheLayerMixin):
                       and (torch.is_inference_mode_enabled() or not self.state[0].is_inference())):
                 self.state = tuple(t.clone() for t in self.state)  # autograd may hold the old state
             if fold > 0:
-                fold_into_state(self.state, phi_k[:, :, :fold], v[:, :, :fold], key_valid[:, :fold])
+                fold_valid = key_valid
+                if softmax_sinks:  # the sinks among these tokens: after those kept before k[0]
+                    prefix = self.softmax_sinks_of(softmax_sinks, before=end - Tk)
+                    fold_valid = key_valid & ~softmax_sink_mask(key_valid, softmax_sinks,
+                                                                None if prefix is None else prefix[3])
+                fold_into_state(self.state, phi_k[:, :, :fold], v[:, :, :fold], fold_valid[:, :fold])
         if self.ring_window != window or self.keys.shape[0] != B or self.keys.dtype != k.dtype:
             ring = DecodeCache.empty(B, H, k.shape[1], k.shape[-1], F, window, dtype=k.dtype, device=k.device,
                                      value_dim=D)
@@ -204,7 +228,7 @@ class HybridCacheLayer(CacheLayerMixin):
         ring = self.decode_cache()
         ring.position.fill_(end)
         ring.write_window(k.detach(), v.detach(), end, key_valid=key_valid)
-        self._advance_sinks(k, v, key_valid, Tk - new, end - Tk, num_sinks)
+        self._advance_sinks(k, v, key_valid, Tk - new, end - Tk, max(num_sinks, softmax_sinks))
         self._pending = 0
 
     def _advance_sinks(self, k, v, key_valid, n_old, offset, num_sinks):

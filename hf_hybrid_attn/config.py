@@ -57,6 +57,11 @@ class HybridConfig:
     num_sinks: int = 4
     """Number of initial keys the `sinks_only` diagnostic mode attends to."""
 
+    softmax_sinks: int = 0
+    """Softmax sinks arm (SPEC §2, "Softmax sinks"): the first `softmax_sinks` valid tokens of each
+    sequence always take part in the window softmax and never enter the linear branch or its state
+    (StreamingLLM's sinks inside the hybrid). 0 (the default) turns it off."""
+
     backend: str = "auto"
     """Kernel: auto (Triton on CUDA, chunked PyTorch otherwise), triton, torch, or reference (quadratic)."""
 
@@ -77,6 +82,7 @@ class HybridConfig:
         _int("window", self.window, 1)
         _int("feature_dim", self.feature_dim, 1)
         _int("num_sinks", self.num_sinks, 1)
+        _int("softmax_sinks", self.softmax_sinks, 0)
         _int("chunk_size", self.chunk_size, 16)
         if self.chunk_size & (self.chunk_size - 1):
             # the Triton kernels need it; checked here so a checkpoint never fails late on a GPU

@@ -19,6 +19,7 @@ from .feature_maps import build_feature_map
 from .kernels import KERNEL_MODES, expand_kv_heads, hybrid_attention, sinks_attention, validate_inputs
 from .kernels.decode import fold_into_state
 from .kernels.dispatch import resolve_backend
+from .kernels.reference import softmax_sink_mask
 
 #: a call with more queries than this is computed in segments of this many (`HybridMixer._segmented`):
 #: its feature maps and kernel temporaries stay O(segment) whatever the prompt length
@@ -82,6 +83,7 @@ class HybridMixer(nn.Module):
         self.affine_mix = config.affine_mix
         self.linear_covers_window = config.linear_covers_window
         self.num_sinks = config.num_sinks
+        self.softmax_sinks = config.softmax_sinks
         self.backend = config.backend
         self.chunk_size = config.chunk_size
         self.window = config.window
@@ -142,9 +144,17 @@ class HybridMixer(nn.Module):
         mode = self.mode if mode is None else mode
         if mode not in COMPONENT_MODES:
             raise ValueError(f"component mode must be one of {COMPONENT_MODES}, got {mode!r}")
+        n_sinks = self.softmax_sinks
+        sink_kw = dict(softmax_sinks=n_sinks) if n_sinks else {}  # nothing new passed when the arm is off
+        prefix_sinks = None
         if cache_layer is not None:
             if k.shape[2] != q.shape[2]:
                 raise ValueError(f"k: with a HybridCache layer k/v are the new tokens only ({q.shape[2]}), got {k.shape[2]}")
+            if n_sinks and not getattr(cache_layer, "supports_softmax_sinks", False):
+                raise ValueError(
+                    f"softmax_sinks={n_sinks}: this cache ({type(cache_layer).__name__}) does not keep softmax sinks; "
+                    "use the default HybridCache (generate() creates it), or convert with softmax_sinks=0"
+                )
             if self._ring_decode_applies(q, k, v, cache_layer, mode, return_stats):
                 return self._ring_decode(q, k, v, key_valid, scaling, cache_layer, mode)
             kept = cache_layer.window_tokens()
@@ -152,11 +162,16 @@ class HybridMixer(nn.Module):
                 kb, vb, validb = kept
                 k, v = torch.cat([kb.to(k.dtype), k], 2), torch.cat([vb.to(v.dtype), v], 2)
                 key_valid = torch.cat([validb.to(key_valid.device), key_valid], 1)
+            if n_sinks:  # the sinks before k[0] (k[0] is at position seen - kept)
+                kept_sinks = cache_layer.softmax_sinks_of(n_sinks,
+                                                          before=cache_layer.seen_tokens_before(q.shape[2]) - (k.shape[2] - q.shape[2]))
+                if kept_sinks is not None:
+                    prefix_sinks = (kept_sinks[0].to(k.dtype), kept_sinks[1].to(v.dtype), kept_sinks[3])
         initial_state = cache_layer.linear_state() if cache_layer is not None else None
         if self._segments_apply(q, k, mode, return_stats):
-            y, state = self._segmented(q, k, v, key_valid, scaling, mode, initial_state)
+            y, state = self._segmented(q, k, v, key_valid, scaling, mode, initial_state, prefix_sinks)
             if cache_layer is not None:
-                cache_layer.advance(k, v, None, key_valid, self.window, self.num_sinks, state=state)
+                cache_layer.advance(k, v, None, key_valid, self.window, self.num_sinks, state=state, **sink_kw)
             return y
         needs_features = mode in ("hybrid", "linear_only") or cache_layer is not None
         phi_q, phi_k = self.features(q, k) if needs_features else (None, None)
@@ -177,6 +192,8 @@ class HybridMixer(nn.Module):
                 chunk_size=self.chunk_size,
                 return_stats=return_stats,
             )
+            if n_sinks:
+                kw.update(softmax_sinks=n_sinks, prefix_sinks=prefix_sinks)
             if mode == "swa_only":  # the linear features are not needed
                 phi_q_, phi_k_ = (phi_q, phi_k) if phi_q is not None else (q[..., :1], q.new_zeros(q.shape[0], q.shape[1], k.shape[2], 1))
             else:
@@ -193,7 +210,8 @@ class HybridMixer(nn.Module):
                 y = out
 
         if cache_layer is not None:
-            cache_layer.advance(k, v, phi_k, key_valid, self.window, self.num_sinks, inplace=not torch.is_grad_enabled())
+            cache_layer.advance(k, v, phi_k, key_valid, self.window, self.num_sinks, inplace=not torch.is_grad_enabled(),
+                                **sink_kw)
         if return_stats:
             if lin_den is None:
                 lin_den = torch.zeros(q.shape[:3], dtype=torch.float32, device=q.device)
@@ -207,7 +225,7 @@ class HybridMixer(nn.Module):
         return (q.shape[2] > PREFILL_SEGMENT and mode in KERNEL_MODES and not return_stats
                 and not (mode == "hybrid" and self.swa_drop is not None))
 
-    def _segmented(self, q, k, v, key_valid, scaling, mode, initial_state):
+    def _segmented(self, q, k, v, key_valid, scaling, mode, initial_state, prefix_sinks=None):
         """The same output as one call, in segments of PREFILL_SEGMENT queries, so that the feature
         maps and the kernels' temporaries are O(segment), not O(T), whatever the prompt length.
 
@@ -216,7 +234,11 @@ class HybridMixer(nn.Module):
         all in L(i) for every query of the segment, with or without the overlap); between segments
         the keys that drop out of reach are folded into that state (fp32, never expanded per
         query head; out of place when autograd needs the graph). Returns y [B,H,Tq,D] and the state
-        over every key before Tk - (w - 1), the fold a cache keeps after this call."""
+        over every key before Tk - (w - 1), the fold a cache keeps after this call.
+
+        Softmax sinks (`softmax_sinks` > 0): the sinks of the whole call (`prefix_sinks`, those before
+        k[0], then the first valid keys of k) are found once; each segment gets those before its first
+        key as its prefix sinks, and they are never folded into the state."""
         Tq, Tk = q.shape[2], k.shape[2]
         w, off, H = self.window, Tk - Tq, self.num_heads
         gamma, alpha = self.gamma(), self.alpha()
@@ -227,20 +249,37 @@ class HybridMixer(nn.Module):
             state = (q.new_zeros(B, H, F, D, dtype=torch.float32), q.new_zeros(B, H, F, dtype=torch.float32))
         elif not grad:
             state = tuple(t.float().clone() for t in state)  # folded in place below: never the cache's own
+        n = self.softmax_sinks
+        fold_valid, sinks = key_valid, None
+        if n:
+            is_sink = softmax_sink_mask(key_valid, n, None if prefix_sinks is None else prefix_sinks[2])
+            fold_valid = key_valid & ~is_sink
+            idx, found = first_valid(is_sink, n)
+            gk = idx[:, None, :, None]
+            sinks = (k.gather(2, gk.expand(-1, k.shape[1], -1, k.shape[-1])),
+                     v.gather(2, gk.expand(-1, v.shape[1], -1, v.shape[-1])), idx, found)  # pos = index in k
+            if prefix_sinks is not None:
+                pk, pv, pvalid = prefix_sinks
+                sinks = (torch.cat([pk, sinks[0]], 2), torch.cat([pv, sinks[1]], 2),
+                         torch.cat([torch.full_like(pvalid, -1, dtype=torch.long), idx], 1),
+                         torch.cat([pvalid, found], 1))
         ys, ks = [], 0
         for s in range(off, Tk, PREFILL_SEGMENT):
             e = min(Tk, s + PREFILL_SEGMENT)
             ks = max(0, s - (w - 1))
             kk, vv, kv = k[:, :, ks:e], v[:, :, ks:e], key_valid[:, ks:e]
             phi_q, phi_k = self.features(q[:, :, s - off : e - off], kk)
+            sink_kw = {}
+            if n:  # the sinks before this segment's first key
+                sink_kw = dict(softmax_sinks=n, prefix_sinks=(sinks[0], sinks[1], sinks[3] & (sinks[2] < ks)))
             ys.append(hybrid_attention(q[:, :, s - off : e - off], kk, vv, phi_q, phi_k, gamma, alpha, mode=mode,
                                        window=w, scale=scaling, linear_covers_window=self.linear_covers_window,
                                        key_valid=kv, initial_state=state, backend=self.backend,
-                                       chunk_size=self.chunk_size))
+                                       chunk_size=self.chunk_size, **sink_kw))
             nxt = max(0, e - (w - 1))  # the next segment's first key (after the last: the cache's fold point)
             if nxt > ks:
-                state = fold_into_state(state, phi_k[:, :, : nxt - ks], vv[:, :, : nxt - ks], kv[:, : nxt - ks],
-                                        inplace=not grad)
+                state = fold_into_state(state, phi_k[:, :, : nxt - ks], vv[:, :, : nxt - ks],
+                                        fold_valid[:, ks:nxt], inplace=not grad)
         return torch.cat(ys, 2), state
 
     def _ring_decode_applies(self, q, k, v, cache_layer, mode, return_stats) -> bool:
@@ -271,13 +310,19 @@ class HybridMixer(nn.Module):
                 ring = dataclasses.replace(ring, phi_k_win=self.feature_map_k(expand_kv_heads(ring.k_win, self.num_heads)))
             else:
                 phi_evict = self.feature_map_k(expand_kv_heads(ring.evicted_keys(), self.num_heads))
-        if resolve_backend(self.backend, q.device) == "triton":
+        n = self.softmax_sinks
+        if resolve_backend(self.backend, q.device) == "triton":  # with softmax sinks it runs the torch step
             from .kernels.triton_decode import hybrid_decode_triton as step
         else:
             from .kernels.decode import hybrid_decode_torch as step
+        sink_kw = dict(softmax_sinks=n, sinks=cache_layer.softmax_sinks_of(n)) if n else {}
         y = step(q, k, v, phi_q, phi_k, gamma, alpha, ring, scale=scaling, mode=mode,
-                 linear_covers_window=self.linear_covers_window, phi_k_evict=phi_evict, key_valid=key_valid[:, -1])
-        cache_layer.after_decode(k, v, key_valid, self.num_sinks)
+                 linear_covers_window=self.linear_covers_window, phi_k_evict=phi_evict, key_valid=key_valid[:, -1],
+                 **sink_kw)
+        if n:
+            cache_layer.after_decode(k, v, key_valid, self.num_sinks, softmax_sinks=n)
+        else:
+            cache_layer.after_decode(k, v, key_valid, self.num_sinks)
         return y
 
     def _with_row_drop(self, q, k, v, phi_q, phi_k, gamma, alpha, drop, kw):
@@ -295,6 +340,8 @@ class HybridMixer(nn.Module):
             sub["key_valid"] = kw["key_valid"][rows]
             if kw["initial_state"] is not None:
                 sub["initial_state"] = tuple(s[rows] for s in kw["initial_state"])
+            if kw.get("prefix_sinks") is not None:
+                sub["prefix_sinks"] = tuple(s[rows] for s in kw["prefix_sinks"])
             res = hybrid_attention(q[rows], k[rows], v[rows], phi_q[rows], phi_k[rows], gamma, alpha, mode=mode, **sub)
             outs.append((rows, res))
         first = outs[0][1]

@@ -12,6 +12,12 @@ linear_covers_window). Delaying keys and values by `shift` turns it into an incl
 linear attention, computed chunk-wise: an intra-block masked product plus a prefix sum of the
 per-block states.
 
+Softmax sinks (`softmax_sinks` = n > 0, SPEC §2): the sink keys leave the linear branch (their
+validity is cleared there, so neither the intra-block terms nor the block states hold them), and
+the sinks that lie outside a query's band (j <= i - w, plus those before key 0, `prefix_sinks`)
+join its window softmax as at most n + S extra keys per query, in the same exact row max: O(T * n)
+extra work, never T x T.
+
 A few queries at the end of many keys (Tq <= chunk < Tk: a cached decode step) take a direct
 path (`_few_queries`) that touches only the keys each query can reach, instead of padding the
 queries to Tk and throwing all but the last Tq rows away.
@@ -22,12 +28,44 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .reference import KERNEL_MODES, expand_kv_heads
+from .reference import KERNEL_MODES, check_softmax_sinks, expand_kv_heads, softmax_sink_mask
 
 
-def _window_branch(q, k, v, key_valid, window, scale, chunk):
+def _first_true(mask: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices [B, count] of the first `count` True entries of each row of `mask` [B, T] (in order;
+    0 where a row has fewer) and whether each is one: O(T), no sort."""
+    B, T = mask.shape
+    rank = mask.long().cumsum(1) - 1
+    take = mask & (rank < count)
+    out = torch.zeros(B, count + 1, dtype=torch.long, device=mask.device)
+    out.scatter_(1, torch.where(take, rank, torch.full_like(rank, count)),
+                 torch.arange(T, device=mask.device).expand(B, T).contiguous())
+    found = torch.arange(count, device=mask.device)[None] < take.long().sum(1, keepdim=True)
+    return out[:, :count] * found, found
+
+
+def _sink_keys(k, v, is_sink, softmax_sinks, prefix_sinks, window):
+    """The extra softmax keys of the sinks: (k [B,Hkv,E,D], v [B,Hkv,E,Dv], pos [B,E], valid [B,E]),
+    the prefix sinks first (pos = -window: every query i >= 0 sees them), then the sinks among the
+    keys (pos = their index). A query i takes an extra key where valid and pos <= i - window, so a
+    sink inside its band is counted there only."""
+    idx, found = _first_true(is_sink, min(softmax_sinks, k.shape[2]))
+    gk = idx[:, None, :, None]
+    ek = k.gather(2, gk.expand(-1, k.shape[1], -1, k.shape[-1]))
+    ev = v.gather(2, gk.expand(-1, v.shape[1], -1, v.shape[-1]))
+    pos, valid = idx, found
+    if prefix_sinks is not None:
+        pk, pv, pvalid = prefix_sinks
+        ek, ev = torch.cat([pk.to(k.dtype), ek], 2), torch.cat([pv.to(v.dtype), ev], 2)
+        pos = torch.cat([torch.full_like(pvalid, -window, dtype=torch.long), pos], 1)
+        valid = torch.cat([pvalid.bool(), valid], 1)
+    return ek, ev, pos, valid
+
+
+def _window_branch(q, k, v, key_valid, window, scale, chunk, extra=None):
     """Returns unnormalised numerator [B,H,T,D] and denominator [B,H,T] of the window softmax
-    (without gamma), queries aligned with keys (T == Tk)."""
+    (without gamma), queries aligned with keys (T == Tk). `extra`: the sinks' extra keys
+    (`_sink_keys`), in the same softmax."""
     B, H, T, D = q.shape
     Hkv = k.shape[1]
     g = H // Hkv
@@ -50,10 +88,23 @@ def _window_branch(q, k, v, key_valid, window, scale, chunk):
     band = (c >= r) & (c <= r + W - 1)  # [C,L]
     mask = band[None, None, None, None] & vbl[:, None, :, None, None, :]  # [B,1,n,1,C,L]
     s = s.view(B, Hkv, n, g, chunk, L).masked_fill(~mask, float("-inf"))
+    if extra is not None:  # the sinks outside the band: E more keys per query, one row max
+        ek, ev, epos, evalid = extra
+        E = ek.shape[2]
+        se = scale * torch.matmul(qb.reshape(B, Hkv, n, g * chunk, D), ek.transpose(-1, -2)[:, :, None])
+        qi = (torch.arange(n, device=q.device)[:, None] * chunk + torch.arange(chunk, device=q.device)[None])  # [n,C]
+        ok = evalid[:, None, None, :] & (epos[:, None, None, :] <= qi[None, :, :, None] - window)  # [B,n,C,E]
+        se = se.view(B, Hkv, n, g, chunk, E).masked_fill(~ok[:, None, :, None], float("-inf"))
+        s = torch.cat([s, se], -1)
     m = s.amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     p = torch.exp(s - m)
-    num = torch.matmul(p.view(B, Hkv, n, g * chunk, L), vb)  # [B,Hkv,n,g*C,D]
+    if extra is not None:
+        pe, p_band = p[..., L:], p[..., :L]
+        num = torch.matmul(p_band.reshape(B, Hkv, n, g * chunk, L), vb)
+        num = num + torch.matmul(pe.reshape(B, Hkv, n, g * chunk, E), ev[:, :, None])
+    else:
+        num = torch.matmul(p.view(B, Hkv, n, g * chunk, L), vb)  # [B,Hkv,n,g*C,D]
     den = p.sum(-1)  # [B,Hkv,n,g,C]
     num = num.view(B, Hkv, n, g, chunk, -1).transpose(2, 3).reshape(B, H, n * chunk, -1)[:, :, :T]
     den = den.transpose(2, 3).reshape(B, H, n * chunk)[:, :, :T]
@@ -106,11 +157,15 @@ def _linear_branch(phi_q, phi_k, v, key_valid, shift, chunk, initial_state):
     return num, den
 
 
-def _few_queries(q, k, v, phi_q, phi_k, key_valid, window, scale, mode, shift, initial_state):
+def _few_queries(q, k, v, phi_q, phi_k, key_valid, window, scale, mode, shift, initial_state, extra=None,
+                 lin_valid=None):
     """Direct computation for the last Tq <= chunk queries of Tk keys (cached decode, or the
     full-history DynamicCache path): only the keys a query can reach are touched, O(Tq * (Tq + w))
     for the window and O(Tq * Tk) for the linear part, instead of padding the queries to Tk.
-    Returns the window numerator/denominator (or None) and the linear ones (or None), unweighted."""
+    Returns the window numerator/denominator (or None) and the linear ones (or None), unweighted.
+    `extra`: the sinks' extra softmax keys (`_sink_keys`); `lin_valid`: the linear branch's key
+    validity (key_valid less the sinks; default key_valid)."""
+    lin_valid = key_valid if lin_valid is None else lin_valid
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     Hkv = k.shape[1]
@@ -126,17 +181,28 @@ def _few_queries(q, k, v, phi_q, phi_k, key_valid, window, scale, mode, shift, i
         # the g query heads of a group are rows of one matmul against their shared keys (no expand)
         s = scale * torch.matmul(q.reshape(B, Hkv, g * Tq, D), ks.transpose(-1, -2))  # [B,Hkv,g*Tq,Tk']
         s = s.view(B, Hkv, g, Tq, -1).masked_fill(~mask, float("-inf"))
+        nk = s.shape[-1]
+        if extra is not None:  # the sinks outside each query's band, in the same row max
+            ek, ev, epos, evalid = extra
+            se = scale * torch.matmul(q.reshape(B, Hkv, g * Tq, D), ek.transpose(-1, -2))  # [B,Hkv,g*Tq,E]
+            ok = evalid[:, None, :] & (epos[:, None, :] <= qpos[None, :, None] - window)  # [B,Tq,E]
+            se = se.view(B, Hkv, g, Tq, -1).masked_fill(~ok[:, None, None], float("-inf"))
+            s = torch.cat([s, se], -1)
         m = s.amax(-1, keepdim=True)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         p = torch.exp(s - m)
-        num = torch.matmul(p.view(B, Hkv, g * Tq, -1), vs)  # [B,Hkv,g*Tq,D]
+        if extra is not None:
+            num = torch.matmul(p[..., :nk].reshape(B, Hkv, g * Tq, nk), vs)
+            num = num + torch.matmul(p[..., nk:].reshape(B, Hkv, g * Tq, -1), ev)
+        else:
+            num = torch.matmul(p.view(B, Hkv, g * Tq, -1), vs)  # [B,Hkv,g*Tq,D]
         win = (num.reshape(B, H, Tq, -1), p.sum(-1).reshape(B, H, Tq))
     if mode != "swa_only":
         num, den = _state_readout(phi_q, initial_state, v.shape[-1])
         end = Tk - shift  # keys j <= i - shift exist for some query only if j < end
         if end > 0:
             diff = qpos[:, None] - torch.arange(end, device=q.device)[None, :]
-            mask = (diff >= shift)[None, None] & key_valid[:, None, None, :end]  # [B,1,Tq,end]
+            mask = (diff >= shift)[None, None] & lin_valid[:, None, None, :end]  # [B,1,Tq,end]
             a = (phi_q @ phi_k[:, :, :end].transpose(-1, -2)).masked_fill(~mask, 0.0)  # [B,H,Tq,end]
             num = num + a @ expand_kv_heads(v[:, :, :end], H)
             den = den + a.sum(-1)
@@ -161,12 +227,16 @@ def hybrid_attention_chunked(
     initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
     return_stats: bool = False,
     chunk_size: int = 64,
+    softmax_sinks: int = 0,
+    prefix_sinks: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ):
-    """Chunked hybrid attention; see module docstring and `reference.py` for the contract.
+    """Chunked hybrid attention; see module docstring and `reference.py` for the contract
+    (softmax_sinks / prefix_sinks as there).
 
     Computes in at least float32 (the state is always fp32) and returns y in q's dtype."""
     if mode not in KERNEL_MODES:
         raise ValueError(f"mode must be one of {KERNEL_MODES}, got {mode!r}")
+    check_softmax_sinks(q, k, v, softmax_sinks, prefix_sinks)
     out_dtype = q.dtype
     cdt = torch.promote_types(q.dtype, torch.float32)
     B, H, Tq, D = q.shape
@@ -180,14 +250,23 @@ def hybrid_attention_chunked(
     g4 = gamma.to(cdt).view(1, H, 1, 1)
     a4 = alpha.to(cdt).view(1, H, 1, 1)
     shift = 0 if (mode == "linear_only" or linear_covers_window) else window
+    extra, lin_valid = None, key_valid
+    if softmax_sinks:
+        is_sink = softmax_sink_mask(key_valid, softmax_sinks, None if prefix_sinks is None else prefix_sinks[2])
+        lin_valid = key_valid & ~is_sink
+        if mode != "linear_only":
+            if prefix_sinks is not None:
+                prefix_sinks = (prefix_sinks[0].to(cdt), prefix_sinks[1].to(cdt), prefix_sinks[2])
+            extra = _sink_keys(k, v, is_sink, softmax_sinks, prefix_sinks, window)
     if Tq < Tk and Tq <= chunk:  # a few queries at the end (cached decode): no padding to Tk
-        win, lin = _few_queries(q, k, v, phi_q, phi_k, key_valid, window, scale, mode, shift, initial_state)
+        win, lin = _few_queries(q, k, v, phi_q, phi_k, key_valid, window, scale, mode, shift, initial_state,
+                                extra=extra, lin_valid=lin_valid)
     else:
         if Tq < Tk:  # queries are the last Tq positions: pad them to the key length
             q = F.pad(q, (0, 0, Tk - Tq, 0))
             phi_q = F.pad(phi_q, (0, 0, Tk - Tq, 0))
-        win = _window_branch(q, k, v, key_valid, window, scale, chunk) if mode != "linear_only" else None
-        lin = _linear_branch(phi_q, phi_k, v, key_valid, shift, chunk, initial_state) if mode != "swa_only" else None
+        win = _window_branch(q, k, v, key_valid, window, scale, chunk, extra) if mode != "linear_only" else None
+        lin = _linear_branch(phi_q, phi_k, v, lin_valid, shift, chunk, initial_state) if mode != "swa_only" else None
         win, lin = ((b[0][:, :, Tk - Tq :], b[1][:, :, Tk - Tq :]) if b is not None else None for b in (win, lin))
 
     num = q.new_zeros(B, H, Tq, v.shape[-1])

@@ -21,6 +21,13 @@ One step (`hybrid_decode_torch`, the same contract as `triton_decode.hybrid_deco
   3. write the new key/value/validity into that slot; position += 1.
 The query heads of a KV group are rows of one matmul against that group's ring (keys and values
 are never expanded per query head), and all arithmetic is fp32.
+
+Softmax sinks (`softmax_sinks` = n > 0, SPEC §2): the caller passes `sinks` = (k, v, positions,
+valid) of the sinks among the tokens before the new one (the cache keeps them beside the ring). The
+sinks older than the window join the softmax; a sink in the ring is already there; the new token
+is a sink while fewer than n valid sinks precede it. Sinks are in no linear sum: the key leaving
+the window (or the new key, w = 1) is not folded into (S, z) when it is a sink, and the modes whose
+linear branch covers the window skip the sinks of the ring and the new key.
 """
 
 from __future__ import annotations
@@ -165,8 +172,15 @@ def hybrid_decode_torch(
     phi_k_evict: torch.Tensor | None = None,
     key_valid: torch.Tensor | None = None,
     update_cache: bool = True,
+    softmax_sinks: int = 0,
+    sinks: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One decode step; equals row T of the uncached forward over all T+1 keys.
+
+    softmax_sinks / sinks: the softmax-sinks arm (module docstring): sinks = (k [B,Hkv,S,D],
+    v [B,Hkv,S,Dv], absolute positions [B,S] int64, valid [B,S] bool) of the sinks before the new
+    token (entries at positions >= T are ignored); None: no valid sink precedes it. The state in
+    `cache` must hold no sink (as `HybridCache` keeps it).
 
     q [B,H,1,D], k/v [B,Hkv,1,D] of the new token (after RoPE), phi_q/phi_k [B,H,1,F] of it,
     phi_k_evict [B,H,1,F]: phi_k of `cache.evicted_keys()` (needed to fold it, unless the cache
@@ -189,9 +203,14 @@ def hybrid_decode_torch(
     if update_cache and W1 and cache.phi_k_win is None and phi_k_evict is None:
         raise ValueError("phi_k_evict [B, H, 1, F] (phi_k of cache.evicted_keys()) is required to fold the evicted "
                          "key when the cache keeps no phi_k ring")
+    if isinstance(softmax_sinks, bool) or not isinstance(softmax_sinks, int) or softmax_sinks < 0:
+        raise ValueError(f"softmax_sinks: expected an integer >= 0, got {softmax_sinks!r}")
+    if sinks is not None and not softmax_sinks:
+        raise ValueError("sinks: given with softmax_sinks=0 (no sinks); pass softmax_sinks=n")
     f32 = torch.float32
     new_valid = (torch.ones(B, dtype=torch.bool, device=q.device) if key_valid is None
                  else key_valid.reshape(B).to(device=q.device, dtype=torch.bool))
+    sink = _sink_step(cache, sinks, softmax_sinks, new_valid, B, Hkv, D, DV) if softmax_sinks else None
     qg = q.to(f32).reshape(B, Hkv, G, D)
     kn, vn = k.to(f32).reshape(B, Hkv, 1, D), v.to(f32).reshape(B, Hkv, 1, DV)
     vw = cache.v_win.to(f32)
@@ -203,22 +222,33 @@ def hybrid_decode_torch(
         s_win = (scale * qg @ cache.k_win.to(f32).transpose(-1, -2)).masked_fill(~cache.valid[:, None, None, :],
                                                                              float("-inf"))
         c = torch.maximum(s_new, s_win.amax(-1)) if W1 else s_new
+        if sink is not None:  # the sinks older than the window: more keys of the same softmax
+            s_sink = (scale * qg @ sink["k"].transpose(-1, -2)).masked_fill(~sink["outside"][:, None, None, :],
+                                                                             float("-inf"))
+            if s_sink.shape[-1]:
+                c = torch.maximum(c, s_sink.amax(-1))
         c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))  # no valid key in the window: adds 0
         p_new, p_win = torch.exp(s_new - c), torch.exp(s_win - c[..., None])
         g = gamma.to(f32).reshape(1, Hkv, G)
         num += g[..., None] * (p_win @ vw + p_new[..., None] * vn)
         den += g * (p_win.sum(-1) + p_new)
+        if sink is not None:
+            p_sink = torch.exp(s_sink - c[..., None])
+            num += g[..., None] * (p_sink @ sink["v"])
+            den += g * p_sink.sum(-1)
     if mode != "swa_only":  # the linear branch: the state (+ the window's keys where it covers them)
         pq = phi_q.to(f32).reshape(B, H, F)
         lin_num = (pq[:, :, None, :] @ cache.S).reshape(B, Hkv, G, DV)
         lin_den = (pq * cache.z).sum(-1).reshape(B, Hkv, G)
         if lin_window:
-            a_new = (pq * phi_k.to(f32).reshape(B, H, F)).sum(-1).reshape(B, Hkv, G) * new_valid[:, None, None]
+            new_lin = new_valid if sink is None else new_valid & ~sink["new"]
+            win_lin = cache.valid if sink is None else cache.valid & ~sink["ring"]
+            a_new = (pq * phi_k.to(f32).reshape(B, H, F)).sum(-1).reshape(B, Hkv, G) * new_lin[:, None, None]
             lin_num = lin_num + a_new[..., None] * vn
             lin_den = lin_den + a_new
             if W1:
                 a_win = (cache.phi_k_win.to(f32) @ pq[..., None]).squeeze(-1)  # [B, H, W1]
-                a_win = (a_win * cache.valid[:, None, :]).reshape(B, Hkv, G, W1)
+                a_win = (a_win * win_lin[:, None, :]).reshape(B, Hkv, G, W1)
                 lin_num = lin_num + a_win @ vw
                 lin_den = lin_den + a_win.sum(-1)
         a = alpha.to(f32).reshape(1, Hkv, G)
@@ -226,20 +256,51 @@ def hybrid_decode_torch(
         den += a * lin_den
     y = torch.where(den[..., None] > 0, num / den.clamp_min(1e-30)[..., None], torch.zeros_like(num))
     if update_cache:
-        _advance(cache, k, v, phi_k, phi_k_evict, new_valid)
+        _advance(cache, k, v, phi_k, phi_k_evict, new_valid, sink)
     return y.reshape(B, H, 1, DV).to(q.dtype)
 
 
-def _advance(cache: DecodeCache, k, v, phi_k, phi_k_evict, new_valid) -> None:
-    """Steps 2-3: fold the key leaving the window, write the new token into its slot, position += 1."""
+def _sink_step(cache: DecodeCache, sinks, n: int, new_valid, B, Hkv, D, DV) -> dict:
+    """Which keys of this step are sinks: "outside" [B,S] (valid sinks older than the window, extra
+    softmax keys "k"/"v" [B,Hkv,S,*] fp32), "ring" [B,w-1] (ring slots holding a sink), "new" [B]
+    (the new token is one: fewer than n valid sinks precede it)."""
+    W1, dev = cache.k_win.shape[2], cache.k_win.device
+    T = cache.position.reshape(())
+    if sinks is None:
+        sk = torch.zeros(B, Hkv, 0, D, device=dev)
+        sv = torch.zeros(B, Hkv, 0, DV, device=dev)
+        spos = torch.zeros(B, 0, dtype=torch.long, device=dev)
+        svalid = torch.zeros(B, 0, dtype=torch.bool, device=dev)
+    else:
+        sk, sv, spos, svalid = sinks
+        for name, t, shape in (("k", sk, (B, Hkv, None, D)), ("v", sv, (B, Hkv, None, DV))):
+            if t.dim() != 4 or any(a is not None and a != b for a, b in zip(shape, t.shape)):
+                raise ValueError(f"sinks: {name} expected [{B}, {Hkv}, S, {shape[-1]}], got {tuple(t.shape)}")
+        if tuple(spos.shape) != (B, sk.shape[2]) or tuple(svalid.shape) != (B, sk.shape[2]):
+            raise ValueError(f"sinks: positions and valid expected [{B}, {sk.shape[2]}], got "
+                             f"{tuple(spos.shape)}, {tuple(svalid.shape)}")
+        spos = spos.to(device=dev, dtype=torch.long)
+        svalid = svalid.to(device=dev, dtype=torch.bool) & (spos < T)
+    ring_pos = T - 1 - (T - 1 - torch.arange(W1, device=dev)).remainder(max(W1, 1))  # position in each slot
+    ring = (svalid[:, None, :] & (spos[:, None, :] == ring_pos[None, :, None])).any(-1)  # [B, W1]
+    return dict(k=sk.to(torch.float32), v=sv.to(torch.float32), outside=svalid & (spos < T - W1), ring=ring,
+                new=new_valid & (svalid.long().sum(1) < n))
+
+
+def _advance(cache: DecodeCache, k, v, phi_k, phi_k_evict, new_valid, sink=None) -> None:
+    """Steps 2-3: fold the key leaving the window (not a sink), write the new token into its slot,
+    position += 1."""
     W1 = cache.k_win.shape[2]
     state = (cache.S, cache.z)
     if W1 == 0:  # w = 1: the new key leaves the window at once
-        fold_into_state(state, phi_k, v, new_valid[:, None])
+        fold_into_state(state, phi_k, v, (new_valid if sink is None else new_valid & ~sink["new"])[:, None])
     else:
         slot = cache.evict_slot()
         phi_old = cache.phi_k_win.index_select(2, slot) if cache.phi_k_win is not None else phi_k_evict
-        fold_into_state(state, phi_old, cache.v_win.index_select(2, slot), cache.valid.index_select(1, slot))
+        old_valid = cache.valid.index_select(1, slot)
+        if sink is not None:
+            old_valid = old_valid & ~sink["ring"].index_select(1, slot)
+        fold_into_state(state, phi_old, cache.v_win.index_select(2, slot), old_valid)
         cache.k_win.index_copy_(2, slot, k.to(cache.k_win.dtype))
         cache.v_win.index_copy_(2, slot, v.to(cache.v_win.dtype))
         cache.valid.index_copy_(1, slot, new_valid.view(-1, 1))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 
@@ -45,13 +46,28 @@ def _has_triton_kernels() -> bool:
     return True
 
 
+@functools.cache
+def warn_triton_softmax_sinks(what: str) -> None:
+    """Once per process and kernel: the Triton kernels do not implement softmax_sinks yet."""
+    warnings.warn(f"softmax_sinks > 0: the Triton {what} does not implement softmax sinks yet; running the "
+                  "PyTorch implementation instead (SPEC §2, 'Softmax sinks')", RuntimeWarning, stacklevel=3)
+
+
 def hybrid_attention(q, k, v, phi_q, phi_k, gamma, alpha, *, backend: str = "auto", **kwargs):
     """Hybrid attention with the contract of `reference.hybrid_attention_reference`.
 
     backend: "auto" (Triton on CUDA, chunked PyTorch otherwise), "triton", "torch" (chunked) or
-    "reference" (quadratic). Inputs are validated first (see `validate_inputs`)."""
+    "reference" (quadratic). Inputs are validated first (see `validate_inputs`). With
+    softmax_sinks > 0 a Triton choice runs the chunked path (the Triton kernels do not implement
+    the sinks yet; one warning)."""
     validate_inputs(q, k, v, phi_q, phi_k, gamma, alpha, mode=kwargs.get("mode", "hybrid"), **{k_: v_ for k_, v_ in kwargs.items() if k_ != "mode"})
     which = resolve_backend(backend, q.device)
+    if not kwargs.get("softmax_sinks") and kwargs.get("prefix_sinks") is None:
+        kwargs.pop("softmax_sinks", None)  # off: every backend's own contract, unchanged
+        kwargs.pop("prefix_sinks", None)
+    elif which == "triton":
+        warn_triton_softmax_sinks("hybrid attention kernel")
+        which = "torch"
     if which == "triton":
         return _triton_impl()(q, k, v, phi_q, phi_k, gamma, alpha, _validated=True, **kwargs)
     if which == "reference":

@@ -22,6 +22,15 @@ Conventions shared by all implementations:
                            *before* key 0 (the cache); read by the linear branch only.
 Modes handled here: "hybrid", "swa_only", "linear_only". ("sinks_only" and "none" do not use the
 linear state and live in `sinks_attention` / the attention function.)
+
+Softmax sinks (SPEC §2, "Softmax sinks"; optional, off by default):
+  softmax_sinks  n >= 0        the first n valid keys of the sequence (the set Sigma) are always in
+                               the softmax (W'(i) = W(i) + {j in Sigma, j <= i}) and in no linear
+                               sum (L'(i) = L(i) - Sigma); the state never holds them
+  prefix_sinks   (k [B,Hkv,S,D], v [B,Hkv,S,D], valid [B,S] bool) or None: the sinks among the
+                               tokens *before* key 0 (with initial_state; all of them are outside
+                               every query's window and before it); the sinks among this call's
+                               keys are then its first n - (valid prefix sinks) valid keys
 """
 
 from __future__ import annotations
@@ -35,6 +44,41 @@ def expand_kv_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     """[B, Hkv, T, D] -> [B, num_heads, T, D]: each KV head repeated for its group of query heads (GQA)."""
     groups = num_heads // x.shape[1]
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def softmax_sink_mask(key_valid: torch.Tensor, softmax_sinks: int,
+                      prefix_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, Tk] bool: which of a call's keys are softmax sinks: the first `softmax_sinks` valid keys
+    of the row, less the valid sinks already found before key 0 (`prefix_valid` [B, S])."""
+    left = torch.full((key_valid.shape[0],), softmax_sinks, dtype=torch.long, device=key_valid.device)
+    if prefix_valid is not None:
+        left = left - prefix_valid.to(device=key_valid.device).long().sum(1)
+    valid = key_valid.bool()
+    return valid & (valid.long().cumsum(1) <= left[:, None])
+
+
+def check_softmax_sinks(q, k, v, softmax_sinks, prefix_sinks) -> None:
+    """One clear error, naming the argument, for a malformed softmax_sinks / prefix_sinks."""
+    if isinstance(softmax_sinks, bool) or not isinstance(softmax_sinks, int) or softmax_sinks < 0:
+        raise ValueError(f"softmax_sinks: expected an integer >= 0, got {softmax_sinks!r}")
+    if prefix_sinks is None:
+        return
+    if softmax_sinks == 0:
+        raise ValueError("prefix_sinks: given with softmax_sinks=0 (no sinks); pass softmax_sinks=n")
+    if not isinstance(prefix_sinks, (tuple, list)) or len(prefix_sinks) != 3:
+        raise ValueError("prefix_sinks: expected a tuple (k [B, Hkv, S, D], v [B, Hkv, S, Dv], valid [B, S] bool)")
+    sk, sv, sval = prefix_sinks
+    B, Hkv, D, Dv = k.shape[0], k.shape[1], k.shape[-1], v.shape[-1]
+    if sk.dim() != 4 or tuple(sk.shape[:2]) != (B, Hkv) or sk.shape[-1] != D:
+        raise ValueError(f"prefix_sinks: k expected [{B}, {Hkv}, S, {D}], got {tuple(sk.shape)}")
+    S = sk.shape[2]
+    if tuple(sv.shape) != (B, Hkv, S, Dv):
+        raise ValueError(f"prefix_sinks: v expected [{B}, {Hkv}, {S}, {Dv}], got {tuple(sv.shape)}")
+    if tuple(sval.shape) != (B, S) or sval.dtype != torch.bool:
+        raise ValueError(f"prefix_sinks: valid expected a bool tensor [{B}, {S}], got {sval.dtype} {tuple(sval.shape)}")
+    for name, t in (("k", sk), ("v", sv), ("valid", sval)):
+        if t.device != q.device:
+            raise ValueError(f"prefix_sinks: {name} expected device {q.device}, got {t.device}")
 
 
 def hybrid_attention_reference(
@@ -53,9 +97,12 @@ def hybrid_attention_reference(
     key_valid: torch.Tensor | None = None,
     initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
     return_stats: bool = False,
+    softmax_sinks: int = 0,
+    prefix_sinks: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ):
     """Quadratic reference. Returns y [B, H, Tq, D] (and, with return_stats, the linear part of the
     normaliser and the whole normaliser, both [B, H, Tq])."""
+    check_softmax_sinks(q, k, v, softmax_sinks, prefix_sinks)
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     k = expand_kv_heads(k, H)
@@ -80,6 +127,16 @@ def hybrid_attention_reference(
     else:
         raise ValueError(f"mode must be one of {KERNEL_MODES}, got {mode!r}")
 
+    prefix_k = prefix_v = prefix_valid = None
+    if softmax_sinks:  # the sinks join every later query's softmax and leave the linear part
+        if prefix_sinks is not None:
+            prefix_k, prefix_v, prefix_valid = prefix_sinks
+        sink = softmax_sink_mask(valid[:, 0, 0], softmax_sinks, prefix_valid)[:, None, None, :]  # [B,1,1,Tk]
+        if win_mask is not None:
+            win_mask = win_mask | (causal & sink)
+        if lin_mask is not None:
+            lin_mask = lin_mask & ~sink
+
     gamma = gamma.to(q.dtype).view(1, H, 1, 1)
     alpha = alpha.to(q.dtype).view(1, H, 1, 1)
     num = torch.zeros(B, H, Tq, v.shape[-1], dtype=q.dtype, device=dev)
@@ -88,12 +145,17 @@ def hybrid_attention_reference(
 
     if win_mask is not None:
         m = win_mask & valid
-        s = scale * (q @ k.transpose(-1, -2))
+        kw, vw = k, v
+        if prefix_k is not None:  # the sinks before key 0: extra softmax keys every query sees
+            kw = torch.cat([expand_kv_heads(prefix_k, H).to(k.dtype), k], 2)
+            vw = torch.cat([expand_kv_heads(prefix_v, H).to(v.dtype), v], 2)
+            m = torch.cat([prefix_valid[:, None, None, :].expand(B, 1, Tq, -1), m.expand(B, 1, Tq, Tk)], -1)
+        s = scale * (q @ kw.transpose(-1, -2))
         s_masked = s.masked_fill(~m, float("-inf"))
         c = s_masked.amax(dim=-1, keepdim=True)
         c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))
         p = torch.exp(s_masked - c) * gamma
-        num = num + p @ v
+        num = num + p @ vw
         den = den + p.sum(-1)
 
     if lin_mask is not None:

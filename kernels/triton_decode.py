@@ -200,6 +200,8 @@ def hybrid_decode_triton(
     phi_k_evict: torch.Tensor | None = None,
     key_valid: torch.Tensor | None = None,
     update_cache: bool = True,
+    softmax_sinks: int = 0,
+    sinks: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One decode step; equals row T of the uncached forward over all T+1 keys.
 
@@ -207,7 +209,18 @@ def hybrid_decode_triton(
     phi_k_evict [B,H,1,F]: phi_k of `cache.evicted_keys()` (only without a phi_k ring),
     key_valid [B] bool for the new token (default all valid). With update_cache (default) the
     cache is advanced in place: the evicted token is folded into (S, z), the new one takes its ring
-    slot, position += 1. Returns y [B, H, 1, D] in q's dtype. No autograd (inference only)."""
+    slot, position += 1. Returns y [B, H, 1, D] in q's dtype. No autograd (inference only).
+    softmax_sinks > 0 (with `sinks`, as in `kernels.decode.hybrid_decode_torch`): this kernel does
+    not implement the sinks yet, so the PyTorch step runs instead (one warning)."""
+    if softmax_sinks or sinks is not None:
+        from .decode import hybrid_decode_torch
+        from .dispatch import warn_triton_softmax_sinks
+
+        warn_triton_softmax_sinks("decode kernel")
+        return hybrid_decode_torch(q, k, v, phi_q, phi_k, gamma, alpha, cache, scale=scale, mode=mode,
+                                   linear_covers_window=linear_covers_window, phi_k_evict=phi_k_evict,
+                                   key_valid=key_valid, update_cache=update_cache, softmax_sinks=softmax_sinks,
+                                   sinks=sinks)
     lin_window = _check(q, k, v, phi_q, phi_k, gamma, alpha, cache, mode, linear_covers_window, phi_k_evict,
                         key_valid, update_cache)
     tensors = dict(q=q, k=k, v=v, phi_q=phi_q, phi_k=phi_k, gamma=gamma, alpha=alpha, phi_k_evict=phi_k_evict,
