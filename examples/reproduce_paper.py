@@ -188,7 +188,20 @@ class Runner:
             log(f"converted {c.name} in {time.perf_counter() - t0:.0f} s")
         record = json.loads((target / "training_log.json").read_text())
         record["study_conversion"] = asdict(c)
-        _write_json(self.out / "conversions" / f"{c.name}.json", record)
+        path = self.out / "conversions" / f"{c.name}.json"
+        first = _read_json(path)
+        if first is not None and first.get("total_wall_s") != record.get("total_wall_s"):
+            # converted again (its checkpoint did not survive, and pieces were still missing): the
+            # results keep the first record, whose model produced the pieces already there, and note
+            # how closely the same seed and data reproduced it
+            again = {k: v.get("final_val_loss") for k, v in record["stages"].items()}
+            before = {k: v.get("final_val_loss") for k, v in first["stages"].items()}
+            diff = max(abs(again[k] - before[k]) for k in again if again[k] is not None and before.get(k) is not None)
+            log(f"{c.name} converted again: final val losses {again} (first conversion {before}; max diff {diff:.2e})")
+            first.setdefault("reconversions", []).append(
+                {"final_val_loss": again, "max_abs_diff": diff, "wall_s": record.get("wall_s_including_load")})
+            record = first
+        _write_json(path, record)
 
     # evaluation
     def pieces(self, model_name: str, hybrid: bool, extra_tasks: dict | None = None) -> list[tuple[str, str, str]]:
@@ -197,10 +210,11 @@ class Runner:
         modes = MODES if hybrid else ("base",)
         out = [("ppl", corpus, m) for m in modes for corpus in CORPORA]
         out += [("passkey", "passkey", m) for m in modes]
-        tasks = dict(s.zero_shot) if extra_tasks is None else dict(extra_tasks)
-        for t in tasks:
+        if extra_tasks is not None:  # the five-task suite's added tasks: the model as served (hybrid)
+            return [("task", t, "hybrid" if hybrid else "base") for t in extra_tasks]
+        for t in s.zero_shot:
             for m in modes:
-                if m == "linear_only" and (extra_tasks is not None or t not in s.zero_shot_linear_only):
+                if m == "linear_only" and t not in s.zero_shot_linear_only:
                     continue
                 out.append(("task", t, m))
         if hybrid and extra_tasks is None:
@@ -211,10 +225,11 @@ class Runner:
         kind, target, mode = piece
         return self.out / "eval" / model_name / f"{kind}_{target}_{mode}.json"
 
-    def evaluate(self, model_name: str, path: str, hybrid: bool, extra_tasks: dict | None = None) -> None:
-        todo = [p for p in self.pieces(model_name, hybrid, extra_tasks) if not self.piece_path(model_name, p).is_file()]
+    def evaluate(self, model_name: str, path: str, hybrid: bool, pieces: list[tuple[str, str, str]]) -> None:
+        """Computes the missing ones of `pieces` (one model load for all of them)."""
+        todo = [p for p in pieces if not self.piece_path(model_name, p).is_file()]
         if not todo:
-            log(f"skip evaluate {model_name}{' (full suite)' if extra_tasks else ''}: finished")
+            log(f"skip evaluate {model_name}: finished")
             return
         import torch
 
@@ -245,13 +260,23 @@ class Runner:
 
         return component_mode(model, mode)
 
+    def _blocks(self, tok, corpus: str, size: int, n: int, held_out):
+        """corpus_blocks, tokenised once per sitting (every model shares the teacher's tokenizer)."""
+        from hf_hybrid_attn.evaluation.perplexity import corpus_blocks
+
+        cache = self.__dict__.setdefault("_block_cache", {})
+        key = (corpus, size, n, held_out)
+        if key not in cache:
+            cache[key] = corpus_blocks(tok, corpus, size, n, held_out=held_out)
+        return cache[key]
+
     def _eval_ppl(self, model, tok, scorer, corpus: str) -> dict:
-        from hf_hybrid_attn.evaluation.perplexity import corpus_blocks, nll_per_position
+        from hf_hybrid_attn.evaluation.perplexity import nll_per_position
 
         s = self.study
         # SOTU: the documents every conversion held out (data seed fixed); Austen: never trained on
         held_out = (_val_fraction(), DATA_SEED) if corpus == "sotu" else None
-        blocks = corpus_blocks(tok, corpus, s.ppl_block_size, s.ppl_blocks, held_out=held_out)
+        blocks = self._blocks(tok, corpus, s.ppl_block_size, s.ppl_blocks, held_out)
         per_block = [nll_per_position(model, blocks[i : i + 1], batch_size=1).tolist() for i in range(len(blocks))]
         return {"blocks": len(per_block), "block_size": s.ppl_block_size, "nll": per_block}
 
@@ -282,52 +307,97 @@ class Runner:
                 "correct": [int(p[key] == p["gold"]) for p in res["predictions"]]}
 
     def _eval_share(self, model, tok, scorer, _target: str) -> dict:
-        from hf_hybrid_attn.evaluation.perplexity import corpus_blocks
         from hf_hybrid_attn.modeling import collect_linear_share, iter_hybrid_attention
 
-        blocks = corpus_blocks(tok, "sotu", self.study.ppl_block_size, self.study.share_blocks,
-                               held_out=(_val_fraction(), DATA_SEED))
+        blocks = self._blocks(tok, "sotu", self.study.ppl_block_size, self.study.share_blocks,
+                              (_val_fraction(), DATA_SEED))
         share = collect_linear_share(model, blocks)
         return {"share": share.float().tolist(), "layers": [i for i, _ in iter_hybrid_attention(model)]}
 
     # the plan
+    def all_pieces(self, c: Conversion) -> list[tuple[str, str, str]]:
+        """Every evaluation piece of one conversion: the standard ones, and at w=64 the five-task suite's
+        added tasks (hybrid), run for every w=64 model right after its conversion so that the best of
+        each recipe can be read off later without its checkpoint (runs/ need not survive a sitting)."""
+        out = self.pieces(c.name, True)
+        if c.window == 64:
+            out += self.pieces(c.name, True, self.study.full_suite)
+        return out
+
+    def run_conversion(self, c: Conversion) -> None:
+        todo = [p for p in self.all_pieces(c) if not self.piece_path(c.name, p).is_file()]
+        if not todo and (self.out / "conversions" / f"{c.name}.json").is_file():
+            log(f"skip {c.name}: converted and evaluated")
+            return
+        self.convert(c)
+        self.evaluate(c.name, str(self.runs / c.name), True, self.all_pieces(c))
+        self.report()
+
+    def needs_reconversion(self, c: Conversion) -> bool:
+        """Converted and evaluated before, but pieces are missing and the checkpoint is gone."""
+        todo = [p for p in self.all_pieces(c) if not self.piece_path(c.name, p).is_file()]
+        return bool(todo) and (self.out / "conversions" / f"{c.name}.json").is_file() and not self.converted(c)
+
     def run(self) -> None:
         t_start = time.perf_counter()
-        self.evaluate("teacher", "smollm2", hybrid=False)
-        for c in self.conversions():
-            self.convert(c)
-            self.evaluate(c.name, str(self.runs / c.name), hybrid=True)
-            self.report()
-        best = self.best_for_sinks()
-        if best is not None and self.study.softmax_sinks:
-            arm = Conversion(best, 64, 0, self.study.softmax_sinks)
-            self.convert(arm)
-            self.evaluate(arm.name, str(self.runs / arm.name), hybrid=True)
-        self.evaluate("teacher", "smollm2", hybrid=False, extra_tasks=self.study.full_suite)
-        for name in self.best_of_each_recipe().values():
-            self.evaluate(name, str(self.runs / name), hybrid=True, extra_tasks=self.study.full_suite)
+        self.evaluate("teacher", "smollm2", False,
+                      self.pieces("teacher", False) + self.pieces("teacher", False, self.study.full_suite))
+        convs = self.conversions()
+        first = [c for c in convs if (c.window, c.seed) == (64, 0)]
+        # conversions that would only be redone for a few missing pieces go last
+        deferred = [c for c in convs if self.needs_reconversion(c)]
+        for c in first:
+            if c not in deferred:
+                self.run_conversion(c)
+        arm = self.sinks_arm()
+        if arm is not None:
+            self.run_conversion(arm)
+        for c in convs:
+            if c not in first and c not in deferred:
+                self.run_conversion(c)
+        for c in deferred:
+            self.run_conversion(c)
         self.report()
         log(f"study {self.study.name} finished this sitting in {time.perf_counter() - t_start:.0f} s; "
             f"report: {self.out / 'results.md'}")
 
     def best_for_sinks(self) -> str | None:
-        """The w=64 recipe with the lowest hybrid perplexity beyond w on held-out SOTU (mean over seeds)."""
+        """The w=64 recipe with the lowest hybrid perplexity beyond w on held-out SOTU, seed 0 (the
+        sinks arm runs once all w=64 seed-0 conversions are evaluated, before any other seed)."""
         scores = {}
         for r in self.study.recipes:
-            vals = [self._ppl(Conversion(r, 64, seed).name, "sotu", "hybrid", 64)
-                    for seed in self.study.seeds.get(64, ())]
-            vals = [v["beyond"] for v in vals if v is not None]
-            if vals:
-                scores[r] = sum(vals) / len(vals)
+            v = self._ppl(Conversion(r, 64, 0).name, "sotu", "hybrid", 64)
+            if v is not None:
+                scores[r] = v["beyond"]
         return min(scores, key=scores.get) if scores else None
 
+    def sinks_arm(self, decide: bool = True) -> Conversion | None:
+        """The softmax-sinks arm: the best w=64 recipe (`best_for_sinks`) with `softmax_sinks` on,
+        decided once every w=64 seed-0 conversion has its perplexity, then recorded in
+        sinks_arm.json so that later results (other seeds) cannot change which arm the study ran."""
+        if not self.study.softmax_sinks:
+            return None
+        path = self.out / "sinks_arm.json"
+        rec = _read_json(path)
+        if rec is None:
+            ready = all(self._ppl(Conversion(r, 64, 0).name, "sotu", "hybrid", 64) is not None for r in self.study.recipes)
+            best = self.best_for_sinks()
+            if not (decide and ready and best):
+                return None
+            rec = {"recipe": best, "rule": "lowest hybrid perplexity beyond w=64 on held-out SOTU, seed 0",
+                   "beyond_ppl": {r: self._ppl(Conversion(r, 64, 0).name, "sotu", "hybrid", 64)["beyond"]
+                                  for r in self.study.recipes}}
+            _write_json(path, rec)
+        return Conversion(rec["recipe"], 64, 0, self.study.softmax_sinks)
+
     def best_of_each_recipe(self) -> dict[str, str]:
-        """Per recipe, its conversion with the highest hybrid zero-shot average."""
+        """Per recipe, its w=64 conversion (no sinks) with the highest hybrid three-task zero-shot
+        average, among those evaluated so far."""
         out = {}
         for r in self.study.recipes:
             cands = {}
             for c in self.conversions():
-                if c.recipe == r:
+                if c.recipe == r and c.window == 64:
                     scores = [self._task(c.name, t, "hybrid") for t in self.study.zero_shot]
                     if all(s is not None for s in scores):
                         cands[c.name] = sum(s["acc"] for s in scores) / len(scores)
@@ -413,25 +483,26 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def _models(runner: Runner) -> list[tuple[str, Conversion | None]]:
     out = [("teacher", None)]
     convs = runner.conversions()
-    best = runner.best_for_sinks()
-    if best is not None and runner.study.softmax_sinks:
-        convs.append(Conversion(best, 64, 0, runner.study.softmax_sinks))
+    arm = runner.sinks_arm(decide=False)
+    if arm is not None:
+        convs.append(arm)
     out += [(c.name, c) for c in convs if (runner.out / "eval" / c.name).is_dir()]
     return out
 
 
 def collect(runner: Runner) -> dict:
     s = runner.study
-    res: dict = {"study": asdict(s), "machine": machine(), "models": {}, "conversions": {}}
+    res: dict = {"study": asdict(s), "machine": machine(), "models": {}, "conversions": {},
+                 "best_of_recipe": runner.best_of_each_recipe(), "sinks_arm": _read_json(runner.out / "sinks_arm.json")}
     for name, conv in _models(runner):
         window = conv.window if conv else None
         modes = MODES if conv else ("base",)
         m: dict = {"conversion": asdict(conv) if conv else None, "ppl": {}, "passkey": {}, "tasks": {}, "wall_s": 0.0}
-        for piece in set(runner.pieces(name, conv is not None) + runner.pieces(name, conv is not None, s.full_suite)):
+        for piece in sorted(set(runner.pieces(name, conv is not None) + runner.pieces(name, conv is not None, s.full_suite))):
             p = _read_json(runner.piece_path(name, piece))
             if p is None:
                 continue
-            m["wall_s"] += p.get("wall_s", 0.0)
+            m["wall_s"] = round(m["wall_s"] + p.get("wall_s", 0.0), 2)
         for corpus in CORPORA:
             for mode in modes:
                 for w in ((window,) if window else sorted(s.seeds)):
@@ -586,6 +657,21 @@ def render(res: dict) -> str:
     lines += [f"## Share of the teacher's zero-shot average ({', '.join(zs)})", "",
               *_table(["model", "mode", "average", "of teacher"], rows), ""]
 
+    # the five-task suite: every w=64 model ran it (hybrid); the best of each recipe is marked
+    suite = zs + list(s["full_suite"])
+    base5 = teacher_average(res, 64, suite)
+    best = set(res.get("best_of_recipe", {}).values())
+    rows = []
+    for name, m in res["models"].items():
+        mode = "hybrid" if m["conversion"] else "base"
+        vals = [m["tasks"].get(t, {}).get(mode, {}).get("64", {}).get("acc") for t in suite]
+        if all(v is not None for v in vals):
+            avg = sum(vals) / len(vals)
+            rows.append([name + (" (best of recipe)" if name in best else ""), mode] + [f"{v:.3f}" for v in vals]
+                        + [f"{avg:.3f}", f"{100 * avg / base5:.1f}%" if base5 else "–"])
+    lines += ["## Five-task suite (w=64 models in hybrid; best of recipe = highest three-task hybrid average)", "",
+              *_table(["model", "mode", *suite, "average", "of teacher"], rows), ""]
+
     # seeds
     rows = []
     by_recipe: dict = {}
@@ -685,13 +771,21 @@ def write_report(runner: Runner) -> None:
 
 def plan_text(runner: Runner) -> str:
     lines = [f"study {runner.study.name}: out {runner.out}, runs {runner.runs}"]
-    done = lambda name, hybrid: all(runner.piece_path(name, p).is_file() for p in runner.pieces(name, hybrid))  # noqa: E731
-    lines.append(f"  evaluate teacher: {'done' if done('teacher', False) else 'to do'}")
-    for c in runner.conversions():
-        lines.append(f"  {c.name}: convert {'done' if runner.converted(c) else 'to do'}, "
-                     f"evaluate {'done' if done(c.name, True) else 'to do'}")
-    lines.append(f"  then: the softmax-sinks arm (best w=64 recipe so far: {runner.best_for_sinks()}), "
-                 "and the five-task suite for the best model of each recipe")
+    def missing(name, pieces):
+        n = sum(not runner.piece_path(name, p).is_file() for p in pieces)
+        return "done" if n == 0 else f"{n} of {len(pieces)} pieces to do"
+
+    teacher = runner.pieces("teacher", False) + runner.pieces("teacher", False, runner.study.full_suite)
+    lines.append(f"  evaluate teacher: {missing('teacher', teacher)}")
+    arm = runner.sinks_arm(decide=False)
+    for c in runner.conversions() + ([arm] if arm else []):
+        record = (runner.out / "conversions" / f"{c.name}.json").is_file()
+        state = ("checkpoint here" if runner.converted(c) else
+                 "done, checkpoint gone" + (" (converted again, last)" if runner.needs_reconversion(c) else "")
+                 if record else "to do")
+        lines.append(f"  {c.name}: convert {state}; evaluate {missing(c.name, runner.all_pieces(c))}")
+    if arm is None and runner.study.softmax_sinks:
+        lines.append(f"  the softmax-sinks arm: after the w=64 seed-0 conversions (best so far: {runner.best_for_sinks()})")
     est = estimate(runner)
     if est:
         lines.append(f"  measured so far: {est['done_h']:.2f} h; estimated remaining {est['left_h']:.2f} h "
@@ -704,19 +798,29 @@ def estimate(runner: Runner) -> dict | None:
     """Hours spent and left, from the wall times of finished conversions and evaluation pieces."""
     conv = [_read_json(runner.out / "conversions" / f"{c.name}.json") for c in runner.conversions()]
     conv_s = [c.get("wall_s_including_load") for c in conv if c]
-    ev = {}
+    ev, suite = {}, {}
     for c in runner.conversions():
         pieces = [_read_json(runner.piece_path(c.name, p)) for p in runner.pieces(c.name, True)]
         if all(pieces):
             ev[c.name] = sum(p["wall_s"] for p in pieces)
+        pieces = [_read_json(runner.piece_path(c.name, p)) for p in runner.pieces(c.name, True, runner.study.full_suite)]
+        if all(pieces):
+            suite[c.name] = sum(p["wall_s"] for p in pieces)
     if not conv_s or not ev:
         return None
     per_conv, per_eval = statistics.fmean(conv_s) / 3600, statistics.fmean(ev.values()) / 3600
-    n = len(runner.conversions()) + (1 if runner.study.softmax_sinks else 0)
-    left = (n - len(conv_s)) * per_conv + (n - len(ev)) * per_eval
+    per_suite = statistics.fmean(suite.values()) / 3600 if suite else per_eval / 4
+    arm = runner.sinks_arm(decide=False)
+    convs = runner.conversions() + ([arm] if arm else [Conversion("?", 64, 0, 1)] if runner.study.softmax_sinks else [])
+    left = 0.0
+    for c in convs:
+        if not (runner.out / "conversions" / f"{c.name}.json").is_file() or runner.needs_reconversion(c):
+            left += per_conv
+        left += 0 if c.name in ev else per_eval
+        left += 0 if c.window != 64 or c.name in suite else per_suite
     teacher = sum((_read_json(runner.piece_path("teacher", p)) or {}).get("wall_s", 0)
-                  for p in runner.pieces("teacher", False)) / 3600
-    return {"done_h": sum(conv_s) / 3600 + sum(ev.values()) / 3600 + teacher, "left_h": left,
+                  for p in runner.pieces("teacher", False) + runner.pieces("teacher", False, runner.study.full_suite)) / 3600
+    return {"done_h": sum(conv_s) / 3600 + sum(ev.values()) / 3600 + sum(suite.values()) / 3600 + teacher, "left_h": left,
             "conversion_h": per_conv, "evaluation_h": per_eval}
 
 
