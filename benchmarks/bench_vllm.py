@@ -7,7 +7,9 @@ Defaults: the converted SmolLM2-135M-Instruct (Q4_1, dequantized; untrained conv
 teacher as scripts/run_vllm_tests.sh builds them (.venv-vllm/cache/models-*/); on CPU contexts 1k / 4k
 with 8 concurrent requests, on CUDA 1k / 8k / 32k with 16. Each model runs in its own process (one
 vLLM engine, fp32, eager, chunked prefill), contexts in turn; per context the requests are submitted
-together twice: with 1 new token (prefill) and with --new-tokens (prefill + decode). Reported:
+together twice, each time with fresh random prompts and prefix caching off in both engines (a
+recurrent state cannot be prefix-cached, and the teacher must not reuse KV across the timed calls):
+with 1 new token (prefill) and with --new-tokens (prefill + decode). Reported:
 generated tokens/s end to end, decode tokens/s ((N-1) tokens per request over the time beyond the
 prefill), prefill tokens/s, the cache the batch needs as vLLM sizes it (teacher: paged KV for
 context + new tokens; hybrid: its fixed state), and the process's peak RSS.
@@ -67,7 +69,9 @@ def run_one(model: str, contexts: list[int], requests: int, new_tokens: int, out
 
     max_len = max(contexts) + new_tokens
     llm = LLM(model=model, skip_tokenizer_init=True, dtype="float32", enforce_eager=True, max_model_len=max_len,
-              max_num_seqs=requests, max_num_batched_tokens=2048, seed=0)
+              max_num_seqs=requests, max_num_batched_tokens=2048, seed=0,
+              enable_prefix_caching=False)  # the teacher would otherwise reuse the KV of repeated prompts
+
     hf = llm.llm_engine.model_config.hf_config
     vocab = hf.vocab_size
     rng = random.Random(0)
@@ -90,10 +94,12 @@ def run_one(model: str, contexts: list[int], requests: int, new_tokens: int, out
     rows = []
     timed([[rng.randrange(vocab) for _ in range(64)] for _ in range(requests)], 4)  # warm-up
     for ctx in contexts:
-        prompts = [[rng.randrange(vocab) for _ in range(ctx)] for _ in range(requests)]
-        timed(prompts, 1)  # warm-up at this length (allocations, chunk shapes)
-        t1 = timed(prompts, 1)
-        tn = timed(prompts, new_tokens)
+        def fresh():  # new random prompts for every timed call: nothing reusable across calls
+            return [[rng.randrange(vocab) for _ in range(ctx)] for _ in range(requests)]
+
+        timed(fresh(), 1)  # warm-up at this length (allocations, chunk shapes)
+        t1 = timed(fresh(), 1)
+        tn = timed(fresh(), new_tokens)
         cache = state_per_seq * requests if state_per_seq is not None else kv_per_token * (ctx + new_tokens) * requests
         rows.append({
             "context": ctx, "requests": requests, "new_tokens": new_tokens,
@@ -159,6 +165,7 @@ def main(argv=None) -> int:
            "shared_machine": max(load_before[0], load_after[0]) > 1.0,
            "dtype": "float32", "enforce_eager": True, "contexts": contexts, "requests": requests,
            "new_tokens": a.new_tokens, "models": {k: os.path.basename(v["model"]) for k, v in results.items()},
+           "kv_space_gib": None if cuda else a.kv_space_gib,
            "teacher": results["teacher"], "hybrid": results["hybrid"]}
     stem = os.path.join(a.out_dir, f"vllm_{slug(machine)}")
     with open(stem + ".json", "w") as f:
@@ -184,6 +191,16 @@ def render(res: dict) -> str:
         f"- per sequence: hybrid state {h['state_bytes_per_seq'] / 2**20:.2f} MiB whatever the length; teacher KV "
         f"{t['kv_bytes_per_token'] / 1024:.1f} KiB per token ({t['kv_bytes_per_token'] * 32768 / 2**20:.0f} MiB at 32k, "
         f"{t['kv_bytes_per_token'] * 32768 / h['state_bytes_per_seq']:.0f}x the hybrid's)",
+    ]
+    if res.get("kv_space_gib"):
+        space = res["kv_space_gib"] * 2**30
+        fit = int(space // (res["requests"] * t["kv_bytes_per_token"])) - res["new_tokens"]
+        lines.append(f"- where the teacher stops: with {res['kv_space_gib']} GiB of KV space "
+                     f"(VLLM_CPU_KVCACHE_SPACE) and {res['requests']} concurrent requests, its paged KV cache holds "
+                     f"contexts up to {fit} tokens each (+{res['new_tokens']} new), as vLLM sizes it; the hybrid's "
+                     f"{res['requests']} states take {res['requests'] * h['state_bytes_per_seq'] / 2**20:.0f} MiB at any context, "
+                     f"so the same space holds {int(space // h['state_bytes_per_seq'])} hybrid sequences of any length")
+    lines += [
         "",
         "| context | model | generated tok/s | decode tok/s | prefill tok/s | prefill s | total s | cache for the batch (MiB) | peak RSS (MiB) |",
         "|---|---|---|---|---|---|---|---|---|",
