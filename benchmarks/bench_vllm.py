@@ -94,7 +94,7 @@ def run_one(model: str, contexts: list[int], requests: int, new_tokens: int, out
     rows = []
     timed([[rng.randrange(vocab) for _ in range(64)] for _ in range(requests)], 4)  # warm-up
     for ctx in contexts:
-        def fresh():  # new random prompts for every timed call: nothing reusable across calls
+        def fresh(ctx=ctx):  # new random prompts for every timed call: nothing reusable across calls
             return [[rng.randrange(vocab) for _ in range(ctx)] for _ in range(requests)]
 
         timed(fresh(), 1)  # warm-up at this length (allocations, chunk shapes)
