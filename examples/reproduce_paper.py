@@ -149,6 +149,7 @@ def paired_diff(a: list[float], b: list[float], z: float = 1.96) -> dict:
 class Runner:
     def __init__(self, study: Study, out: Path, runs: Path, progress: bool):
         self.study, self.out, self.runs, self.progress = study, out, runs, progress
+        self._block_cache: dict = {}
 
     # conversions
     def conversions(self) -> list[Conversion]:
@@ -156,8 +157,11 @@ class Runner:
         order = [(64, 0), (16, 0)] + [(w, seed) for w, seeds in s.seeds.items() for seed in seeds if seed != 0]
         return [Conversion(r, w, seed) for w, seed in order if seed in s.seeds.get(w, ()) for r in s.recipes]
 
+    def record_path(self, c: Conversion) -> Path:
+        return self.out / "conversions" / f"{c.name}.json"
+
     def converted(self, c: Conversion) -> bool:
-        return (self.runs / c.name / "training_log.json").is_file() and (self.out / "conversions" / f"{c.name}.json").is_file()
+        return (self.runs / c.name / "training_log.json").is_file() and self.record_path(c).is_file()
 
     def convert(self, c: Conversion) -> None:
         from hf_hybrid_attn.cli import main as hf_hybrid
@@ -188,7 +192,7 @@ class Runner:
             log(f"converted {c.name} in {time.perf_counter() - t0:.0f} s")
         record = json.loads((target / "training_log.json").read_text())
         record["study_conversion"] = asdict(c)
-        path = self.out / "conversions" / f"{c.name}.json"
+        path = self.record_path(c)
         first = _read_json(path)
         if first is not None and first.get("total_wall_s") != record.get("total_wall_s"):
             # converted again (its checkpoint did not survive, and pieces were still missing): the
@@ -217,7 +221,7 @@ class Runner:
                 if m == "linear_only" and t not in s.zero_shot_linear_only:
                     continue
                 out.append(("task", t, m))
-        if hybrid and extra_tasks is None:
+        if hybrid:
             out.append(("share", "share", "hybrid"))
         return out
 
@@ -225,9 +229,16 @@ class Runner:
         kind, target, mode = piece
         return self.out / "eval" / model_name / f"{kind}_{target}_{mode}.json"
 
+    def todo(self, model_name: str, pieces: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+        """The pieces not computed yet."""
+        return [p for p in pieces if not self.piece_path(model_name, p).is_file()]
+
+    def teacher_pieces(self) -> list[tuple[str, str, str]]:
+        return self.pieces("teacher", False) + self.pieces("teacher", False, self.study.full_suite)
+
     def evaluate(self, model_name: str, path: str, hybrid: bool, pieces: list[tuple[str, str, str]]) -> None:
         """Computes the missing ones of `pieces` (one model load for all of them)."""
-        todo = [p for p in pieces if not self.piece_path(model_name, p).is_file()]
+        todo = self.todo(model_name, pieces)
         if not todo:
             log(f"skip evaluate {model_name}: finished")
             return
@@ -264,11 +275,10 @@ class Runner:
         """corpus_blocks, tokenised once per sitting (every model shares the teacher's tokenizer)."""
         from hf_hybrid_attn.evaluation.perplexity import corpus_blocks
 
-        cache = self.__dict__.setdefault("_block_cache", {})
         key = (corpus, size, n, held_out)
-        if key not in cache:
-            cache[key] = corpus_blocks(tok, corpus, size, n, held_out=held_out)
-        return cache[key]
+        if key not in self._block_cache:
+            self._block_cache[key] = corpus_blocks(tok, corpus, size, n, held_out=held_out)
+        return self._block_cache[key]
 
     def _eval_ppl(self, model, tok, scorer, corpus: str) -> dict:
         from hf_hybrid_attn.evaluation.perplexity import nll_per_position
@@ -325,8 +335,7 @@ class Runner:
         return out
 
     def run_conversion(self, c: Conversion) -> None:
-        todo = [p for p in self.all_pieces(c) if not self.piece_path(c.name, p).is_file()]
-        if not todo and (self.out / "conversions" / f"{c.name}.json").is_file():
+        if not self.todo(c.name, self.all_pieces(c)) and self.record_path(c).is_file():
             log(f"skip {c.name}: converted and evaluated")
             return
         self.convert(c)
@@ -335,13 +344,11 @@ class Runner:
 
     def needs_reconversion(self, c: Conversion) -> bool:
         """Converted and evaluated before, but pieces are missing and the checkpoint is gone."""
-        todo = [p for p in self.all_pieces(c) if not self.piece_path(c.name, p).is_file()]
-        return bool(todo) and (self.out / "conversions" / f"{c.name}.json").is_file() and not self.converted(c)
+        return bool(self.todo(c.name, self.all_pieces(c))) and self.record_path(c).is_file() and not self.converted(c)
 
     def run(self) -> None:
         t_start = time.perf_counter()
-        self.evaluate("teacher", "smollm2", False,
-                      self.pieces("teacher", False) + self.pieces("teacher", False, self.study.full_suite))
+        self.evaluate("teacher", "smollm2", False, self.teacher_pieces())
         convs = self.conversions()
         first = [c for c in convs if (c.window, c.seed) == (64, 0)]
         # conversions that would only be redone for a few missing pieces go last
@@ -361,14 +368,19 @@ class Runner:
         log(f"study {self.study.name} finished this sitting in {time.perf_counter() - t_start:.0f} s; "
             f"report: {self.out / 'results.md'}")
 
-    def best_for_sinks(self) -> str | None:
-        """The w=64 recipe with the lowest hybrid perplexity beyond w on held-out SOTU, seed 0 (the
-        sinks arm runs once all w=64 seed-0 conversions are evaluated, before any other seed)."""
+    def _seed0_beyond(self) -> dict[str, float]:
+        """Recipe -> hybrid perplexity beyond w=64 on held-out SOTU of its seed-0 conversion (those evaluated)."""
         scores = {}
         for r in self.study.recipes:
             v = self._ppl(Conversion(r, 64, 0).name, "sotu", "hybrid", 64)
             if v is not None:
                 scores[r] = v["beyond"]
+        return scores
+
+    def best_for_sinks(self) -> str | None:
+        """The w=64 recipe with the lowest hybrid perplexity beyond w on held-out SOTU, seed 0 (the
+        sinks arm runs once all w=64 seed-0 conversions are evaluated, before any other seed)."""
+        scores = self._seed0_beyond()
         return min(scores, key=scores.get) if scores else None
 
     def sinks_arm(self, decide: bool = True) -> Conversion | None:
@@ -380,13 +392,11 @@ class Runner:
         path = self.out / "sinks_arm.json"
         rec = _read_json(path)
         if rec is None:
-            ready = all(self._ppl(Conversion(r, 64, 0).name, "sotu", "hybrid", 64) is not None for r in self.study.recipes)
-            best = self.best_for_sinks()
-            if not (decide and ready and best):
+            scores = self._seed0_beyond()
+            if not (decide and len(scores) == len(self.study.recipes)):
                 return None
-            rec = {"recipe": best, "rule": "lowest hybrid perplexity beyond w=64 on held-out SOTU, seed 0",
-                   "beyond_ppl": {r: self._ppl(Conversion(r, 64, 0).name, "sotu", "hybrid", 64)["beyond"]
-                                  for r in self.study.recipes}}
+            rec = {"recipe": min(scores, key=scores.get),
+                   "rule": "lowest hybrid perplexity beyond w=64 on held-out SOTU, seed 0", "beyond_ppl": scores}
             _write_json(path, rec)
         return Conversion(rec["recipe"], 64, 0, self.study.softmax_sinks)
 
@@ -535,7 +545,7 @@ def collect(runner: Runner) -> dict:
                         if longer else None}
         res["models"][name] = m
         if conv:
-            rec = _read_json(runner.out / "conversions" / f"{name}.json")
+            rec = _read_json(runner.record_path(conv))
             if rec:
                 res["conversions"][name] = conversion_summary(rec)
     return res
@@ -772,14 +782,13 @@ def write_report(runner: Runner) -> None:
 def plan_text(runner: Runner) -> str:
     lines = [f"study {runner.study.name}: out {runner.out}, runs {runner.runs}"]
     def missing(name, pieces):
-        n = sum(not runner.piece_path(name, p).is_file() for p in pieces)
+        n = len(runner.todo(name, pieces))
         return "done" if n == 0 else f"{n} of {len(pieces)} pieces to do"
 
-    teacher = runner.pieces("teacher", False) + runner.pieces("teacher", False, runner.study.full_suite)
-    lines.append(f"  evaluate teacher: {missing('teacher', teacher)}")
+    lines.append(f"  evaluate teacher: {missing('teacher', runner.teacher_pieces())}")
     arm = runner.sinks_arm(decide=False)
     for c in runner.conversions() + ([arm] if arm else []):
-        record = (runner.out / "conversions" / f"{c.name}.json").is_file()
+        record = runner.record_path(c).is_file()
         state = ("checkpoint here" if runner.converted(c) else
                  "done, checkpoint gone" + (" (converted again, last)" if runner.needs_reconversion(c) else "")
                  if record else "to do")
@@ -796,7 +805,7 @@ def plan_text(runner: Runner) -> str:
 
 def estimate(runner: Runner) -> dict | None:
     """Hours spent and left, from the wall times of finished conversions and evaluation pieces."""
-    conv = [_read_json(runner.out / "conversions" / f"{c.name}.json") for c in runner.conversions()]
+    conv = [_read_json(runner.record_path(c)) for c in runner.conversions()]
     conv_s = [c.get("wall_s_including_load") for c in conv if c]
     ev, suite = {}, {}
     for c in runner.conversions():
@@ -814,12 +823,12 @@ def estimate(runner: Runner) -> dict | None:
     convs = runner.conversions() + ([arm] if arm else [Conversion("?", 64, 0, 1)] if runner.study.softmax_sinks else [])
     left = 0.0
     for c in convs:
-        if not (runner.out / "conversions" / f"{c.name}.json").is_file() or runner.needs_reconversion(c):
+        if not runner.record_path(c).is_file() or runner.needs_reconversion(c):
             left += per_conv
         left += 0 if c.name in ev else per_eval
         left += 0 if c.window != 64 or c.name in suite else per_suite
     teacher = sum((_read_json(runner.piece_path("teacher", p)) or {}).get("wall_s", 0)
-                  for p in runner.pieces("teacher", False) + runner.pieces("teacher", False, runner.study.full_suite)) / 3600
+                  for p in runner.teacher_pieces()) / 3600
     return {"done_h": sum(conv_s) / 3600 + sum(ev.values()) / 3600 + sum(suite.values()) / 3600 + teacher, "left_h": left,
             "conversion_h": per_conv, "evaluation_h": per_eval}
 

@@ -294,9 +294,10 @@ def test_decode_steps_equal_the_definition(mode, covers, w, prefill, n):
 
 
 # -- the model: cached decoding, generate, memory --------------------------------------------------
-def _model(window, n, covers=False, seed=1, **kw):
+def _model(window, n, covers=False, seed=1, num_layers=None, **kw):
     torch.manual_seed(seed)
-    model = hha.convert(tiny_model(), hha.HybridConfig(window=window, feature_dim=8, softmax_sinks=n,
+    base = tiny_model() if num_layers is None else tiny_model(num_hidden_layers=num_layers)
+    model = hha.convert(base, hha.HybridConfig(window=window, feature_dim=8, softmax_sinks=n,
                                                        linear_covers_window=covers, **kw))
     randomize_mixers(model)
     return model
@@ -394,10 +395,7 @@ def test_mode_switches_and_multi_token_chunks_on_one_cache(models, n):
     ids, mask, pos = left_padded(T=40)
     cuts = [(0, 2), (2, 3), (3, 9), (9, 10), (10, 11), (11, 25), (25, 26), (26, 40)]
     switching = ["hybrid", "swa_only", "linear_only", "hybrid", "sinks_only", "hybrid", "none", "hybrid"]
-    torch.manual_seed(1)
-    one_layer = hha.convert(tiny_model(num_hidden_layers=1),
-                            hha.HybridConfig(window=5, feature_dim=8, softmax_sinks=n))
-    randomize_mixers(one_layer)
+    one_layer = _model(5, n, num_layers=1)
     cases = [(one_layer, switching)] + [(models[(5, max(n, 1), False)], [m] * len(cuts))
                                         for m in ("hybrid", "linear_only", "sinks_only")]
     for model, modes in cases:
