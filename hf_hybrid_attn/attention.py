@@ -87,6 +87,10 @@ def hybrid_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_o
         return None
     padding = attention_mask.to(torch.bool)
     end = kv_offset + kv_length
+    if kv_offset > 0 and padding.shape[-1] == kv_length:
+        # already this span's key padding: generate() prepares the mask once per step for a
+        # compileable cache, and the model's forward passes it through here again
+        return padding.expand(batch_size, kv_length)
     if padding.shape[-1] < end:  # as transformers' prepare_padding_mask: positions past the mask are padding
         padding = torch.nn.functional.pad(padding, (0, end - padding.shape[-1]))
     return padding[:, kv_offset:end].expand(batch_size, kv_length)
@@ -217,8 +221,9 @@ def _check_full_history_layer(layer, Tk: int) -> None:
     returned everything it has seen, i.e. on its first call."""
     if type(layer).__name__ in ("StaticLayer", "StaticSlidingWindowLayer"):
         raise ValueError(
-            f"hybrid_linear_swa: cache layer {type(layer).__name__} is not supported (static caches / torch.compile "
-            "are not supported yet); use the default HybridCache (generate() creates it) or a DynamicCache"
+            f"hybrid_linear_swa: cache layer {type(layer).__name__} is not supported: the hybrid layers keep a "
+            "HybridCache (generate() creates it; cache_implementation='static' or HybridCache(config, "
+            "compileable=True) gives the compileable one) or a DynamicCache"
         )
     seen = layer.get_seq_length()
     if seen and seen != Tk:

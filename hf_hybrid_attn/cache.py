@@ -33,8 +33,14 @@ from .kernels.reference import softmax_sink_mask
 from .layers import first_valid, sink_candidates
 
 
+def _frozen(t: torch.Tensor) -> bool:
+    """An inference tensor used outside torch.inference_mode(): it cannot be updated in place there.
+    Never inside a compiled step (dynamo cannot trace is_inference(); generate() uses no_grad)."""
+    return not torch.compiler.is_compiling() and t.is_inference() and not torch.is_inference_mode_enabled()
+
+
 class HybridCacheLayer(CacheLayerMixin):
-    is_compileable = False
+    is_compileable = False  # per instance: HybridCache(compileable=True)
     is_sliding = False
     #: keeps the softmax sinks (HybridConfig.softmax_sinks > 0) beside the ring, outside the state
     supports_softmax_sinks = True
@@ -151,7 +157,7 @@ class HybridCacheLayer(CacheLayerMixin):
                                   value_dim=value_dim)
             self.keys, self.values, self.valid, self.state = c.k_win, c.v_win, c.valid, (c.S, c.z)
             self._position_t = c.position
-        elif self.keys is not None and self.keys.is_inference() and not torch.is_inference_mode_enabled():
+        elif self.keys is not None and _frozen(self.keys):
             # written under torch.inference_mode() (e.g. the prefill), used outside it: inference
             # tensors cannot be updated in place there, so the cache takes normal copies once
             self._map(torch.clone)
@@ -209,7 +215,7 @@ class HybridCacheLayer(CacheLayerMixin):
                 self.state = (phi_k.new_zeros(B, H, F, D, dtype=torch.float32),
                               phi_k.new_zeros(B, H, F, dtype=torch.float32))
             elif not (inplace and all(t.is_contiguous() for t in self.state)
-                      and (torch.is_inference_mode_enabled() or not self.state[0].is_inference())):
+                      and not _frozen(self.state[0])):
                 self.state = tuple(t.clone() for t in self.state)  # autograd may hold the old state
             if fold > 0:
                 fold_valid = key_valid
@@ -222,7 +228,7 @@ class HybridCacheLayer(CacheLayerMixin):
             ring = DecodeCache.empty(B, H, k.shape[1], k.shape[-1], F, window, dtype=k.dtype, device=k.device,
                                      value_dim=D)
             self.keys, self.values, self.valid = ring.k_win, ring.v_win, ring.valid
-        elif not (torch.is_inference_mode_enabled() or not self.keys.is_inference()):
+        elif _frozen(self.keys):
             self.keys, self.values, self.valid = self.keys.clone(), self.values.clone(), self.valid.clone()
         self.position = end
         ring = self.decode_cache()
@@ -238,19 +244,30 @@ class HybridCacheLayer(CacheLayerMixin):
         keep, keep_valid = first_valid(idx_valid, num_sinks)
         g = keep[:, None, :, None].expand(-1, sk.shape[1], -1, sk.shape[-1])
         self.sinks = (sk.gather(2, g), sv.gather(2, g), spos.gather(1, keep), keep_valid)
-        # one host sync per step until every row holds num_sinks valid sinks, none afterwards
-        self._sinks_full = keep_valid.shape[1] == num_sinks and bool(keep_valid.all())
+        # eager: one host sync per step until every row holds num_sinks valid sinks, none afterwards;
+        # in a compiled step no sync at all: the few sinks are re-gathered every step instead
+        self._sinks_full = (keep_valid.shape[1] == num_sinks and not torch.compiler.is_compiling()
+                            and bool(keep_valid.all()))
 
 
 class HybridCache(Cache):
     """A `Cache` of `HybridCacheLayer`s; `generate()` builds one by default for hybrid models."""
 
     def __init__(self, config=None, num_layers: int | None = None, hybrid_layers: list[int] | None = None,
-                 teacher_windows: list[int | None] | None = None, **kwargs):
+                 teacher_windows: list[int | None] | None = None, compileable: bool = False, **kwargs):
         """Layers listed in `hybrid_layers` (default: the converted layers of config.hybrid["layers"])
         get a `HybridCacheLayer`; unconverted layers keep the teacher's cache: a full `DynamicLayer`,
         or a `DynamicSlidingWindowLayer` where the teacher's layer is sliding-window
-        (`teacher_windows`, default: read from `config`)."""
+        (`teacher_windows`, default: read from `config`).
+
+        compileable: mark the hybrid layers `is_compileable` (what `generate(...,
+        cache_implementation="static")` builds). The decode step on the ring then traces as one
+        graph with no host sync (`torch.compile(fullgraph=True)`), and generate() compiles the
+        forward where transformers auto-compiles (CUDA, or any device with a `compile_config`
+        allowing it); generate() also prepares the step's mask outside the compiled forward, so the
+        compiled step sees fixed-size inputs. Off by default: the eager step is then used
+        everywhere, as before. The cache is compileable only if every layer is, so a model with
+        unconverted full-attention layers (a growing `DynamicLayer`) stays eager."""
         if num_layers is None:
             if config is None:
                 raise ValueError("HybridCache needs `config` or `num_layers`")
@@ -267,6 +284,7 @@ class HybridCache(Cache):
             if i in hybrid_set:
                 layer = HybridCacheLayer()
                 layer.is_sliding = w is not None
+                layer.is_compileable = bool(compileable)
             else:
                 layer = DynamicLayer() if w is None else DynamicSlidingWindowLayer(sliding_window=w)
             layers.append(layer)

@@ -115,12 +115,15 @@ class HybridModelMixin:
         if (not compat.has_cache(model_kwargs) and generation_config.use_cache is not False
                 and self._hybrid_attention_active()):
             impl = generation_config.cache_implementation
-            if impl not in (None, "dynamic", "hybrid"):
+            if impl not in (None, "dynamic", "hybrid", "static"):
                 raise ValueError(
                     f"cache_implementation={impl!r} is not supported by hybrid models; leave it unset to use "
-                    "HybridCache (constant memory per sequence)"
+                    "HybridCache (constant memory per sequence), or pass 'static' for the same cache marked "
+                    "compileable (compiled decoding)"
                 )
-            compat.set_cache(model_kwargs, HybridCache(self.config), self)
+            # "static": the HybridCache is preallocated and fixed-size by construction; marked
+            # compileable, generate() compiles the decode step where transformers auto-compiles
+            compat.set_cache(model_kwargs, HybridCache(self.config, compileable=impl == "static"), self)
             return None
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 

@@ -12,7 +12,7 @@ cd "$root"
 bash scripts/setup_env.sh
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 vpy="${VENV:-$root/.venv}/bin/python"
-core=(tests/test_compat.py tests/test_modeling.py tests/test_cache.py tests/test_families.py tests/test_masks.py)
+core=(tests/test_compat.py tests/test_modeling.py tests/test_cache.py tests/test_families.py tests/test_masks.py tests/test_compile.py)
 versions='import transformers, huggingface_hub; print(f"[tests] transformers {transformers.__version__}, huggingface_hub {huggingface_hub.__version__}")'
 
 "$vpy" -c "$versions"
