@@ -15,6 +15,15 @@ start to the first stamp, decode = first to last stamp; medians over --repeats),
 after generation, and on CUDA the peak memory the generation adds on top of the resident weights.
 Before timing, a correctness gate checks that the hybrid model's greedy generation equals the
 argmax of its own uncached forward over the generated text; if it fails, nothing is timed.
+
+Compiled decoding (`--models ... hybrid_compiled teacher_compiled`): the same generate() call with
+`cache_implementation="static"` and a `CompileConfig` (`--compile-backend`, default inductor;
+`--compile-mode`, default transformers' "reduce-overhead", i.e. CUDA graphs on CUDA), so
+transformers compiles the decode step: for the hybrid a compileable HybridCache, for the teacher
+transformers' StaticCache. Each compiled model is warmed up at every point's batch size and
+length before it is timed (compilation is not timed), and gated: its greedy tokens on the gate
+prompt equal the eager hybrid's. Results of runs with compiled models go to
+generate_<device>_<machine>_compiled.{json,md}.
 Both models are warmed up first. The teacher has 8192 positions: points with T + N + 1 > 8192 are
 skipped. Prompts reuse the held-out speeches cyclically when B*T exceeds them (~115k tokens).
 
@@ -106,7 +115,19 @@ class StepClock:
         return scores
 
 
-def timed_generate(model, ids: torch.Tensor, new_tokens: int):
+COMPILED = ("hybrid_compiled", "teacher_compiled")
+
+
+def compile_kwargs(backend: str, mode: str | None) -> dict:
+    """generate() kwargs that make transformers compile the decode step on any device."""
+    from transformers.generation.configuration_utils import CompileConfig
+
+    cc = CompileConfig(backend=backend, **({"mode": mode} if mode else {}))
+    cc._compile_all_devices = True  # transformers compiles on CUDA only unless told otherwise
+    return {"cache_implementation": "static", "compile_config": cc}
+
+
+def timed_generate(model, ids: torch.Tensor, new_tokens: int, **generate_kwargs):
     """(prefill seconds, seconds of the new_tokens - 1 decode steps, generate output)."""
     from transformers import LogitsProcessorList
 
@@ -115,34 +136,42 @@ def timed_generate(model, ids: torch.Tensor, new_tokens: int):
     t0 = time.perf_counter()
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                          min_new_tokens=new_tokens, do_sample=False, return_dict_in_generate=True,
-                         pad_token_id=0, logits_processor=LogitsProcessorList([clock]))
+                         pad_token_id=0, logits_processor=LogitsProcessorList([clock]), **generate_kwargs)
     if len(clock.stamps) != new_tokens:
         raise RuntimeError(f"expected {new_tokens} generate steps, the clock saw {len(clock.stamps)}")
     return clock.stamps[0] - t0, clock.stamps[-1] - clock.stamps[0], out
 
 
 @torch.no_grad()
-def gate(model, tok, device) -> dict:
-    """The hybrid model's greedy generation equals the argmax of its uncached forward."""
+def gate(model, tok, device, compiled: dict | None = None) -> dict:
+    """The hybrid model's greedy generation equals the argmax of its uncached forward (and, with
+    `compiled` generate kwargs, the compiled generation equals the eager one)."""
     ids = prompt_ids(tok, 2, 96).to(device)  # longer than the window: the state is used
     _, _, out = timed_generate(model, ids, 12)
     seq = out.sequences
     logits = model(seq, use_cache=False).logits
     pred = logits[:, ids.shape[1] - 1 : -1].argmax(-1)
     ok = bool(torch.equal(pred, seq[:, ids.shape[1]:]))
-    return {"passed": ok, "what": "greedy generate (HybridCache) == argmax of the uncached forward, B=2, T=96, 12 tokens"}
+    what = "greedy generate (HybridCache) == argmax of the uncached forward, B=2, T=96, 12 tokens"
+    if compiled is not None:
+        _, _, out_c = timed_generate(model, ids, 12, **compiled)
+        ok = ok and bool(torch.equal(out_c.sequences, seq))
+        what += "; compiled generate (cache_implementation='static') == the eager one"
+    return {"passed": ok, "what": what}
 
 
 @torch.no_grad()
-def measure(model, ids: torch.Tensor, new_tokens: int, repeats: int) -> dict:
+def measure(model, ids: torch.Tensor, new_tokens: int, repeats: int, **generate_kwargs) -> dict:
     device = ids.device
     prefill, decode, out = [], [], None
+    if generate_kwargs:  # compiled: compile for this batch size and length before timing
+        timed_generate(model, ids, 3, **generate_kwargs)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         resident = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(repeats):
-        t_pre, t_dec, out = timed_generate(model, ids, new_tokens + 1)
+        t_pre, t_dec, out = timed_generate(model, ids, new_tokens + 1, **generate_kwargs)
         prefill.append(t_pre)
         decode.append(t_dec)
     t1, decode_s = statistics.median(prefill), statistics.median(decode)
@@ -189,6 +218,25 @@ def render_md(res: dict) -> str:
             f"| {g(t, 'prefill_s', '{:.2f}')} | {g(h, 'prefill_s', '{:.2f}')} "
             f"| {' / '.join(mib.format(r['peak_extra_bytes'] / 2**20) if 'peak_extra_bytes' in r else '–' for r in (t, h))} |"
         )
+    compiled = [p for p in res["points"] if any(name in p for name in COMPILED)]
+    if compiled:
+        lines += ["", f"Compiled decoding (generate(cache_implementation='static'), backend {res.get('compile_backend')}, "
+                  f"mode {res.get('compile_mode') or 'transformers default (reduce-overhead)'}; compilation not timed):", "",
+                  "| B | context | hybrid eager tok/s | hybrid compiled tok/s | compiled / eager | teacher compiled tok/s "
+                  "| hybrid compiled / teacher compiled | hybrid compiled ms/step |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for p in compiled:
+            h, hc, tc = (p.get(k, {}) for k in ("hybrid", "hybrid_compiled", "teacher_compiled"))
+
+            def tps(r):
+                return f"{r['decode_tokens_per_s']:.1f}" if "decode_tokens_per_s" in r else r.get("error", "–")
+
+            def ratio(a, b):
+                ok = "decode_tokens_per_s" in a and "decode_tokens_per_s" in b
+                return f"{a['decode_tokens_per_s'] / b['decode_tokens_per_s']:.2f}x" if ok else "–"
+
+            lines.append(f"| {p['batch']} | {p['context']} | {tps(h)} | {tps(hc)} | {ratio(hc, h)} | {tps(tc)} "
+                         f"| {ratio(hc, tc)} | {hc.get('ms_per_step', '–')} |")
     for note in res.get("skipped", []):
         lines.append(f"\nSkipped: {note}")
     lines += ["", "Peak extra (CUDA only): the most memory the generation allocated on top of the resident weights "
@@ -212,7 +260,10 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="default: bfloat16 on CUDA, float32 on CPU")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--models", nargs="+", default=["teacher", "hybrid"], choices=["teacher", "hybrid"])
+    ap.add_argument("--models", nargs="+", default=["teacher", "hybrid"], choices=["teacher", "hybrid", *COMPILED])
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled models")
+    ap.add_argument("--compile-mode", default=None,
+                    help="torch.compile mode of the compiled models (default: transformers' reduce-overhead)")
     ap.add_argument("--num-layers", type=int, default=None, help="keep the first N layers (smoke tests only)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args(argv)
@@ -245,13 +296,18 @@ def main(argv=None) -> int:
         "hybrid_decode_path": ("fused Triton decode kernel (kernels/triton_decode.py)" if backend == "triton"
                                else "PyTorch (kernels/chunked.py prefill, HybridCache steps)"),
         "new_tokens": args.new_tokens, "repeats": args.repeats,
+        "models": args.models,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
-    res["gate"] = gate(hybrid, tok, device)
+    compiled = compile_kwargs(args.compile_backend, args.compile_mode)
+    any_compiled = any(name in COMPILED for name in args.models)
+    if any_compiled:
+        res.update(compile_backend=args.compile_backend, compile_mode=args.compile_mode)
+    res["gate"] = gate(hybrid, tok, device, compiled if "hybrid_compiled" in args.models else None)
     print(f"[gate] {res['gate']}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"generate_{device.type}_{slug(res['machine'])}"
+    stem = f"generate_{device.type}_{slug(res['machine'])}" + ("_compiled" if any_compiled else "")
 
     def write() -> None:
         (out / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
@@ -262,11 +318,12 @@ def main(argv=None) -> int:
         write()
         print("[gate] FAILED: nothing is timed", file=sys.stderr)
         return 1
-    models = {"teacher": teacher, "hybrid": hybrid}
+    models = {"teacher": teacher, "hybrid": hybrid, "teacher_compiled": teacher, "hybrid_compiled": hybrid}
+    kwargs_of = {name: (compiled if name in COMPILED else {}) for name in models}
     with torch.no_grad():  # warm-up: first calls pay for allocations, kernel compilation, caches
         warm = prompt_ids(tok, 1, 16).to(device)
         for name in args.models:
-            timed_generate(models[name], warm, 2)
+            timed_generate(models[name], warm, 2, **kwargs_of[name])
     for B in args.batch:
         for T in args.context:
             if args.max_batch_tokens and B * T > args.max_batch_tokens:
@@ -282,7 +339,7 @@ def main(argv=None) -> int:
             ids = prompt_ids(tok, B, T).to(device)
             for name in args.models:
                 try:
-                    point[name] = measure(models[name], ids, args.new_tokens, args.repeats)
+                    point[name] = measure(models[name], ids, args.new_tokens, args.repeats, **kwargs_of[name])
                 except torch.OutOfMemoryError as e:  # recorded, the run carries on
                     point[name] = {"error": f"OOM: {str(e).splitlines()[0]}"}
                     torch.cuda.empty_cache()

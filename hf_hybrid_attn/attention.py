@@ -87,13 +87,20 @@ def hybrid_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_o
         return None
     padding = attention_mask.to(torch.bool)
     end = kv_offset + kv_length
-    if kv_offset > 0 and padding.shape[-1] == kv_length:
-        # already this span's key padding: generate() prepares the mask once per step for a
-        # compileable cache, and the model's forward passes it through here again
+    if padding.shape[-1] == kv_length:
+        # this span's key padding (at kv_offset 0 the whole mask is the span; later it is a mask
+        # this function already made: generate() prepares the mask once per step for a
+        # compileable cache, and the model's forward passes it through here again)
         return padding.expand(batch_size, kv_length)
+    if torch.compiler.is_compiling() and kv_offset == 0:
+        # a compileable HybridCache reports no offset inside a compiled step (no per-step int may
+        # enter the graph); a 2-D padding mask ends at the current token, so the span is its tail
+        return padding[:, -kv_length:].expand(batch_size, kv_length)
     if padding.shape[-1] < end:  # as transformers' prepare_padding_mask: positions past the mask are padding
         padding = torch.nn.functional.pad(padding, (0, end - padding.shape[-1]))
-    return padding[:, kv_offset:end].expand(batch_size, kv_length)
+    # contiguous: a decode step's slice of the growing mask would otherwise carry its stride, and a
+    # compiled step would be recompiled for every length (transformers < 5.24 passes it as it is)
+    return padding[:, kv_offset:end].expand(batch_size, kv_length).contiguous()
 
 
 def _key_valid_from_padding(padding: torch.Tensor, batch: int, kv_len: int) -> torch.Tensor:

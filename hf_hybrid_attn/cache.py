@@ -52,11 +52,32 @@ class HybridCacheLayer(CacheLayerMixin):
         self.valid: torch.Tensor | None = None  # [B, w-1] bool
         self.state: tuple[torch.Tensor, torch.Tensor] | None = None  # S [B,H,F,D], z [B,H,F] fp32
         self.sinks: tuple[torch.Tensor, ...] | None = None  # k, v, positions [B,S], valid [B,S]
-        self.position = 0  # tokens the ring and state account for (Python int: no host sync)
+        self._position = 0  # tokens the ring and state account for (Python int: no host sync)
         self._position_t: torch.Tensor | None = None  # the same on the device, for the kernels
-        self.cumulative_length = 0
+        self._stale = False  # a compiled step advanced _position_t only: _position is read back lazily
         self._pending = 0  # tokens returned by update() and not yet advanced
         self._sinks_full = False
+
+    # -- the counters ------------------------------------------------------------------------------
+    # A compiled decode step must not read or write a Python int that changes every step: each
+    # value would be a guard (a recompilation per step with dynamic=False) or a graph input (a new
+    # CUDA graph per step). So inside one, only the device position advances (the decode kernel's
+    # in-place add), `_stale` records that, and eager code reads the position back once (a host
+    # sync) the next time it asks. `cumulative_length` (tokens recorded by update()) is always the
+    # position plus the tokens update() returned and the layer has not yet advanced.
+    @property
+    def position(self) -> int:
+        if self._stale:
+            self._position, self._stale = int(self._position_t.reshape(())), False
+        return self._position
+
+    @position.setter
+    def position(self, value: int) -> None:
+        self._position, self._stale = int(value), False
+
+    @property
+    def cumulative_length(self) -> int:
+        return self.position + self._pending
 
     # -- transformers' cache-layer interface -----------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> None:
@@ -74,14 +95,18 @@ class HybridCacheLayer(CacheLayerMixin):
                 "works with layers converted by hf_hybrid_attn and attn_implementation='hybrid_linear_swa'"
             )
         self._pending = key_states.shape[2]
-        self.cumulative_length += key_states.shape[2]
         return key_states, value_states
 
     def get_mask_sizes(self, query_length: int, *args, **kwargs) -> tuple[int, int]:
-        # the mask covers the new tokens only: their key padding; the ring keeps its own validity
+        # the mask covers the new tokens only: their key padding; the ring keeps its own validity.
+        # In a compiled step no offset (no per-step int): hybrid_mask then takes the mask's tail
+        if torch.compiler.is_compiling():
+            return query_length, 0
         return query_length, self.cumulative_length
 
-    def get_seq_length(self, *args, **kwargs) -> int:
+    def get_seq_length(self, *args, **kwargs):
+        if torch.compiler.is_compiling() and self._position_t is not None:
+            return self._position_t.reshape(()) + self._pending  # a tensor, as transformers' StaticLayer
         return self.cumulative_length
 
     def get_max_length(self) -> int:
@@ -90,19 +115,36 @@ class HybridCacheLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.keys = self.values = self.valid = None
         self.state = self.sinks = self._position_t = None
-        self.position = self.cumulative_length = 0
+        self.position = 0
         self._pending = 0
         self._sinks_full = False
 
-    def _map(self, fn) -> None:
-        self.keys, self.values, self.valid = (None if x is None else fn(x) for x in (self.keys, self.values, self.valid))
+    def _map(self, fn, inplace: bool = False) -> None:
+        """Apply fn to every kept tensor; `inplace` (same shapes) copies the result back into the
+        same storage, so a compileable cache keeps its static addresses (no recompilation)."""
+        def f(x):
+            if x is None:
+                return None
+            y = fn(x)
+            return x.copy_(y) if inplace and not _frozen(x) else y
+        self.keys, self.values, self.valid = (f(x) for x in (self.keys, self.values, self.valid))
         if self.state is not None:
-            self.state = tuple(fn(s).contiguous() for s in self.state)
+            self.state = tuple(f(s).contiguous() for s in self.state)
         if self.sinks is not None:
-            self.sinks = tuple(fn(s) for s in self.sinks)
+            self.sinks = tuple(f(s) for s in self.sinks)
+        self._mark_static()
+
+    def _mark_static(self) -> None:
+        """A compileable layer's ring, state and position keep one address each, updated in place:
+        tell dynamo (as transformers' StaticLayer does), so CUDA graphs can capture the step."""
+        if not self.is_compileable or torch.compiler.is_compiling():
+            return
+        for t in (self.keys, self.values, self.valid, self._position_t, *(self.state or ())):
+            if t is not None:
+                torch._dynamo.mark_static_address(t)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map(lambda x: x.index_select(0, beam_idx.to(x.device)))
+        self._map(lambda x: x.index_select(0, beam_idx.to(x.device)), inplace=self.is_compileable)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         self._map(lambda x: x.repeat_interleave(repeats, dim=0))
@@ -145,6 +187,7 @@ class HybridCacheLayer(CacheLayerMixin):
         """The ring and state as the decode kernels take them (the same tensors: updated in place)."""
         if self._position_t is None or self._position_t.device != self.keys.device:
             self._position_t = torch.tensor([self.position], dtype=torch.int64, device=self.keys.device)
+            self._mark_static()
         return DecodeCache(k_win=self.keys, v_win=self.values, valid=self.valid, S=self.state[0], z=self.state[1],
                            position=self._position_t)
 
@@ -157,6 +200,7 @@ class HybridCacheLayer(CacheLayerMixin):
                                   value_dim=value_dim)
             self.keys, self.values, self.valid, self.state = c.k_win, c.v_win, c.valid, (c.S, c.z)
             self._position_t = c.position
+            self._mark_static()
         elif self.keys is not None and _frozen(self.keys):
             # written under torch.inference_mode() (e.g. the prefill), used outside it: inference
             # tensors cannot be updated in place there, so the cache takes normal copies once
@@ -183,8 +227,12 @@ class HybridCacheLayer(CacheLayerMixin):
         """After a decode kernel advanced the ring and state in place: the bookkeeping."""
         if self._pending != 1:
             raise RuntimeError("HybridCacheLayer.after_decode() expects exactly one pending token from update()")
-        self.position += 1
-        self._advance_sinks(k, v, key_valid, 0, self.cumulative_length - 1, max(num_sinks, softmax_sinks))
+        if torch.compiler.is_compiling():  # the kernel advanced the device position; no int changes
+            offset, self._stale = self._position_t.reshape(()) - 1, True
+        else:
+            offset = self._position
+            self._position += 1
+        self._advance_sinks(k, v, key_valid, 0, offset, max(num_sinks, softmax_sinks))
         self._pending = 0
 
     @torch.no_grad()
@@ -236,6 +284,7 @@ class HybridCacheLayer(CacheLayerMixin):
         ring.write_window(k.detach(), v.detach(), end, key_valid=key_valid)
         self._advance_sinks(k, v, key_valid, Tk - new, end - Tk, max(num_sinks, softmax_sinks))
         self._pending = 0
+        self._mark_static()
 
     def _advance_sinks(self, k, v, key_valid, n_old, offset, num_sinks):
         if self._sinks_full and self.sinks[3].shape[1] == num_sinks:  # every row's first num_sinks valid keys are known

@@ -78,11 +78,35 @@ def test_timed_generate_splits_prefill_and_decode_inside_one_call(bench, monkeyp
 
 
 def test_bench_generate_times_nothing_when_the_gate_fails(tmp_path, monkeypatch, bench):
-    monkeypatch.setattr(bench, "gate", lambda *a: {"passed": False, "what": "forced failure"})
-    monkeypatch.setattr(bench, "measure", lambda *a: pytest.fail("a point was timed after a failed gate"))
+    monkeypatch.setattr(bench, "gate", lambda *a, **k: {"passed": False, "what": "forced failure"})
+    monkeypatch.setattr(bench, "measure", lambda *a, **k: pytest.fail("a point was timed after a failed gate"))
     rc = bench.main(["--num-layers", "1", "--batch", "1", "--context", "80", "--device", "cpu", "--out", str(tmp_path)])
     assert rc == 1
     (js,) = tmp_path.glob("generate_cpu_*.json")
     res = json.loads(js.read_text())
     assert res["points"] == [] and res["gate"]["passed"] is False
     assert "gate: FAILED" in js.with_suffix(".md").read_text()
+
+
+def test_bench_generate_compiled_models(tmp_path, bench):
+    """The compiled variants (generate(cache_implementation='static') with a CompileConfig): gated
+    against the eager hybrid, warmed up per point, timed, and reported in their own table and file.
+    aot_eager here (inductor's C++ build would cost minutes on this CI's two cores)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    rc = bench.main(["--num-layers", "2", "--batch", "1", "--context", "80", "--new-tokens", "6", "--device", "cpu",
+                     "--models", "hybrid", "hybrid_compiled", "teacher_compiled", "--compile-backend", "aot_eager",
+                     "--out", str(tmp_path)])
+    torch._dynamo.reset()
+    assert rc == 0
+    (js,) = tmp_path.glob("generate_cpu_*_compiled.json")
+    res = json.loads(js.read_text())
+    assert res["gate"]["passed"] and "compiled generate" in res["gate"]["what"]
+    assert res["compile_backend"] == "aot_eager"
+    (p,) = res["points"]
+    assert p["hybrid_compiled"]["cache_type"] == "HybridCache" and p["teacher_compiled"]["cache_type"] == "StaticCache"
+    assert p["hybrid_compiled"]["cache_bytes"] == p["hybrid"]["cache_bytes"]
+    assert all(p[name]["decode_s"] > 0 for name in ("hybrid", "hybrid_compiled", "teacher_compiled"))
+    md = js.with_suffix(".md").read_text()
+    assert "Compiled decoding" in md and "| 1 | 80 |" in md.split("Compiled decoding")[1]
