@@ -155,8 +155,9 @@ class HybridMixer(nn.Module):
                     f"softmax_sinks={n_sinks}: this cache ({type(cache_layer).__name__}) does not keep softmax sinks; "
                     "use the default HybridCache (generate() creates it), or convert with softmax_sinks=0"
                 )
-            if self._ring_decode_applies(q, k, v, cache_layer, mode, return_stats):
-                return self._ring_decode(q, k, v, key_valid, scaling, cache_layer, mode)
+            ring_backend = self._ring_decode_backend(q, k, v, cache_layer, mode, return_stats)
+            if ring_backend is not None:
+                return self._ring_decode(q, k, v, key_valid, scaling, cache_layer, mode, ring_backend)
             kept = cache_layer.window_tokens()
             if kept is not None:  # the general path: prepend the window tokens kept by the cache
                 kb, vb, validb = kept
@@ -169,7 +170,8 @@ class HybridMixer(nn.Module):
                     prefix_sinks = (kept_sinks[0].to(k.dtype), kept_sinks[1].to(v.dtype), kept_sinks[3])
         initial_state = cache_layer.linear_state() if cache_layer is not None else None
         if self._segments_apply(q, k, mode, return_stats):
-            y, state = self._segmented(q, k, v, key_valid, scaling, mode, initial_state, prefix_sinks)
+            y, state = self._segmented(q, k, v, key_valid, scaling, mode, initial_state, prefix_sinks,
+                                       need_state=cache_layer is not None)
             if cache_layer is not None:
                 cache_layer.advance(k, v, None, key_valid, self.window, self.num_sinks, state=state, **sink_kw)
             return y
@@ -225,7 +227,7 @@ class HybridMixer(nn.Module):
         return (q.shape[2] > PREFILL_SEGMENT and mode in KERNEL_MODES and not return_stats
                 and not (mode == "hybrid" and self.swa_drop is not None))
 
-    def _segmented(self, q, k, v, key_valid, scaling, mode, initial_state, prefix_sinks=None):
+    def _segmented(self, q, k, v, key_valid, scaling, mode, initial_state, prefix_sinks=None, need_state=True):
         """The same output as one call, in segments of PREFILL_SEGMENT queries, so that the feature
         maps and the kernels' temporaries are O(segment), not O(T), whatever the prompt length.
 
@@ -238,8 +240,12 @@ class HybridMixer(nn.Module):
 
         Softmax sinks (`softmax_sinks` > 0): the sinks of the whole call (`prefix_sinks`, those before
         k[0], then the first valid keys of k) are found once; each segment gets those before its first
-        key as its prefix sinks, and they are never folded into the state."""
+        key as its prefix sinks, and they are never folded into the state.
+
+        In swa_only without `need_state` (no cache will keep the state) the linear branch is unused:
+        no feature map runs and nothing is folded; the state returned is None."""
         Tq, Tk = q.shape[2], k.shape[2]
+        linear = mode != "swa_only" or need_state
         w, off, H = self.window, Tk - Tq, self.num_heads
         gamma, alpha = self.gamma(), self.alpha()
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *self.parameters()))
@@ -268,34 +274,40 @@ class HybridMixer(nn.Module):
             e = min(Tk, s + PREFILL_SEGMENT)
             ks = max(0, s - (w - 1))
             kk, vv, kv = k[:, :, ks:e], v[:, :, ks:e], key_valid[:, ks:e]
-            phi_q, phi_k = self.features(q[:, :, s - off : e - off], kk)
+            if linear:
+                phi_q, phi_k = self.features(q[:, :, s - off : e - off], kk)
+            else:  # the kernels take feature maps of any width in swa_only and never read them
+                phi_q, phi_k = q[:, :, s - off : e - off, :1], q.new_zeros(q.shape[0], H, kk.shape[2], 1)
             sink_kw = {}
             if n:  # the sinks before this segment's first key
                 sink_kw = dict(softmax_sinks=n, prefix_sinks=(sinks[0], sinks[1], sinks[3] & (sinks[2] < ks)))
             ys.append(hybrid_attention(q[:, :, s - off : e - off], kk, vv, phi_q, phi_k, gamma, alpha, mode=mode,
                                        window=w, scale=scaling, linear_covers_window=self.linear_covers_window,
-                                       key_valid=kv, initial_state=state, backend=self.backend,
+                                       key_valid=kv, initial_state=state if linear else None, backend=self.backend,
                                        chunk_size=self.chunk_size, **sink_kw))
             nxt = max(0, e - (w - 1))  # the next segment's first key (after the last: the cache's fold point)
-            if nxt > ks:
+            if linear and nxt > ks:
                 state = fold_into_state(state, phi_k[:, :, : nxt - ks], vv[:, :, : nxt - ks],
                                         fold_valid[:, ks:nxt], inplace=not grad)
-        return torch.cat(ys, 2), state
+        return torch.cat(ys, 2), (state if linear else None)
 
-    def _ring_decode_applies(self, q, k, v, cache_layer, mode, return_stats) -> bool:
-        """One new token per sequence, no gradient, a kernel mode, the torch or Triton backend (auto:
-        Triton on CUDA), and a ring laid out for this window (it is not after set_window changed w:
-        the general path re-lays it once)."""
+    def _ring_decode_backend(self, q, k, v, cache_layer, mode, return_stats) -> str | None:
+        """The backend of the in-place decode step ("torch" or "triton"), or None where it does not
+        apply. It applies to one new token per sequence, no gradient, a kernel mode, the torch or
+        Triton backend (auto: Triton on CUDA), and a ring laid out for this window (it is not after
+        set_window changed w: the general path re-lays it once)."""
         if q.shape[2] != 1 or return_stats or mode not in KERNEL_MODES or (mode == "hybrid" and self.swa_drop is not None):
-            return False
+            return None
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-            return False
-        if resolve_backend(self.backend, q.device) == "reference":
-            return False
-        return cache_layer.ensure_ring(q.shape[0], self.num_heads, k.shape[1], k.shape[-1], v.shape[-1], self.phi_dim,
+            return None
+        backend = resolve_backend(self.backend, q.device)
+        if backend == "reference":
+            return None
+        fits = cache_layer.ensure_ring(q.shape[0], self.num_heads, k.shape[1], k.shape[-1], v.shape[-1], self.phi_dim,
                                        self.window, k.dtype, k.device)
+        return backend if fits else None
 
-    def _ring_decode(self, q, k, v, key_valid, scaling, cache_layer, mode):
+    def _ring_decode(self, q, k, v, key_valid, scaling, cache_layer, mode, backend):
         """The decode step on the cache's ring, in place (`kernels.decode` / `kernels.triton_decode`):
         the feature map runs on the new key and on the one key leaving the window (and, in the
         modes whose linear branch covers the window, on the ring's w-1 keys)."""
@@ -311,7 +323,7 @@ class HybridMixer(nn.Module):
             else:
                 phi_evict = self.feature_map_k(expand_kv_heads(ring.evicted_keys(), self.num_heads))
         n = self.softmax_sinks
-        if resolve_backend(self.backend, q.device) == "triton":  # with softmax sinks it runs the torch step
+        if backend == "triton":  # with softmax sinks it runs the torch step
             from .kernels.triton_decode import hybrid_decode_triton as step
         else:
             from .kernels.decode import hybrid_decode_torch as step

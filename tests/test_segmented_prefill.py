@@ -35,12 +35,32 @@ def test_segmented_forward_equals_one_call(monkeypatch, mode, window, covers):
         whole = model(ids, attention_mask=mask, position_ids=pos).logits
         calls = []
         real = layers.HybridMixer._segmented
-        monkeypatch.setattr(layers.HybridMixer, "_segmented", lambda self, *a: calls.append(1) or real(self, *a))
+        monkeypatch.setattr(layers.HybridMixer, "_segmented", lambda self, *a, **kw: calls.append(1) or real(self, *a, **kw))
         _segment(monkeypatch, 16)
         seg = model(ids, attention_mask=mask, position_ids=pos).logits
     assert len(calls) == 2  # both layers took the segmented path
     # float64 model, but the carried linear state is fp32 by contract (as in the cache): fp32 tolerance
     torch.testing.assert_close(seg[mask.bool()], whole[mask.bool()], atol=1e-6, rtol=1e-5)
+
+
+def test_segmented_swa_only_without_cache_maps_no_features(monkeypatch):
+    """swa_only without a cache: the linear branch is unused and no cache keeps a state, so the
+    segments run no feature map and fold nothing; with a cache the state is still folded."""
+    model = _model(5)
+    ids, mask, pos = left_padded(B=3, T=70)
+    mapped = []
+    real = layers.HybridMixer.features
+    monkeypatch.setattr(layers.HybridMixer, "features", lambda self, q, k: mapped.append(q.shape[2]) or real(self, q, k))
+    with hha.component_mode(model, "swa_only"), torch.no_grad():
+        whole = model(ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+        _segment(monkeypatch, 16)
+        mapped.clear()
+        seg = model(ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+        assert mapped == []
+        cache = hha.HybridCache(model.config)
+        model(ids, attention_mask=mask, position_ids=pos, **cache_kwargs(cache), use_cache=True)
+        assert mapped and all(layer.state is not None for layer in cache.layers)
+    torch.testing.assert_close(seg[mask.bool()], whole[mask.bool()], atol=1e-12, rtol=1e-12)
 
 
 def test_segmented_prefill_leaves_the_same_cache_and_decodes_the_same(monkeypatch):
