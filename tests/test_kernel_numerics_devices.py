@@ -18,19 +18,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import os
-import subprocess
-import sys
 
+import _interpreter  # noqa: E402  (first: the interpreter must be on before triton is imported)
 import pytest
 import torch
 
-# As in test_triton_kernels.py: the interpreter must be on before triton is first imported.
-_CPU_ONLY = not torch.cuda.is_available()
-_INTERPRET_PRESET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-INTERPRETER_UNAVAILABLE = _CPU_ONLY and "triton" in sys.modules and not _INTERPRET_PRESET
-if _CPU_ONLY:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+INTERPRETER_UNAVAILABLE = _interpreter.prepare()
 
 triton = pytest.importorskip("triton")
 
@@ -49,22 +42,8 @@ from hf_hybrid_attn.kernels.triton_hybrid import hybrid_attention_triton  # noqa
 FP16_MAX = torch.finfo(torch.float16).max  # 65504
 
 
-@pytest.fixture(autouse=True)
-def _in_process_interpreter(request):
-    if INTERPRETER_UNAVAILABLE and request.node.name != "test_suite_in_subprocess":
-        pytest.skip("triton was imported before TRITON_INTERPRET=1: covered by test_suite_in_subprocess")
-
-
-@pytest.mark.skipif(not INTERPRETER_UNAVAILABLE, reason="the interpreter tests run in this process")
-def test_suite_in_subprocess():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__),
-           "-k", "not test_suite_in_subprocess"]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
-    summary = run.stdout.strip().splitlines()[-1:] or [""]
-    assert run.returncode == 0 and " passed" in summary[0] and "skipped" not in summary[0], (
-        run.stdout[-4000:] + run.stderr[-2000:]
-    )
+_in_process_interpreter, test_suite_in_subprocess = _interpreter.subprocess_suite(
+    __file__, "test_suite_in_subprocess", INTERPRETER_UNAVAILABLE)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,18 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+# The interpreter must be on before triton is first imported: see tests/_interpreter.py.
+import _interpreter  # noqa: E402
 import pytest
 import torch
 
-# The interpreter must be on before triton is first imported (`tl.zeros` & co. are @jit functions
-# created at import). `import hf_hybrid_attn` imports transformers' model code, which imports triton,
-# so when an earlier test module got there first this module re-runs itself in a fresh process
-# (test_interpreter_suite_in_subprocess). Setting the variable in tests/conftest.py avoids that.
-_CPU_ONLY = not torch.cuda.is_available()
-_INTERPRET_PRESET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-INTERPRETER_UNAVAILABLE = _CPU_ONLY and "triton" in sys.modules and not _INTERPRET_PRESET
-if _CPU_ONLY:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+INTERPRETER_UNAVAILABLE = _interpreter.prepare()
 
 triton = pytest.importorskip("triton")
 
@@ -30,23 +24,8 @@ from hf_hybrid_attn.kernels.reference import hybrid_attention_reference, linear_
 from hf_hybrid_attn.kernels.triton_decode import DecodeCache, hybrid_decode_triton  # noqa: E402
 from hf_hybrid_attn.kernels.triton_hybrid import hybrid_attention_triton  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _in_process_interpreter(request):
-    if INTERPRETER_UNAVAILABLE and request.node.name != "test_interpreter_suite_in_subprocess":
-        pytest.skip("triton was imported before TRITON_INTERPRET=1: covered by test_interpreter_suite_in_subprocess")
-
-
-@pytest.mark.skipif(not INTERPRETER_UNAVAILABLE, reason="the interpreter tests run in this process")
-def test_interpreter_suite_in_subprocess():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__),
-           "-k", "not test_interpreter_suite_in_subprocess"]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
-    summary = run.stdout.strip().splitlines()[-1:] or [""]
-    assert run.returncode == 0 and " passed" in summary[0] and "skipped" not in summary[0], (
-        run.stdout[-4000:] + run.stderr[-2000:]
-    )
+_in_process_interpreter, test_interpreter_suite_in_subprocess = _interpreter.subprocess_suite(
+    __file__, "test_interpreter_suite_in_subprocess", INTERPRETER_UNAVAILABLE)
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
