@@ -303,6 +303,10 @@ class HybridMixer(nn.Module):
         backend = resolve_backend(self.backend, q.device)
         if backend == "reference":
             return None
+        if backend == "triton" and torch.compiler.is_compiling():
+            # a compiled step runs the PyTorch step, which inductor turns into its own fused kernels;
+            # tracing the hand-written Triton decode kernel through dynamo is not verified yet
+            backend = "torch"
         fits = cache_layer.ensure_ring(q.shape[0], self.num_heads, k.shape[1], k.shape[-1], v.shape[-1], self.phi_dim,
                                        self.window, k.dtype, k.device)
         return backend if fits else None

@@ -240,3 +240,32 @@ def test_counters_after_compiled_steps():
         assert a.position == b.position == 26 and a.cumulative_length == b.cumulative_length == 26
         assert b.get_seq_length() == 26 and int(b._position_t) == 26
         torch.testing.assert_close(a.keys, b.keys, rtol=0, atol=0)
+
+
+def test_compiled_step_runs_the_torch_step_where_triton_is_chosen(monkeypatch):
+    """On CUDA the eager step is the fused Triton kernel; a compiled step runs the PyTorch step
+    (inductor compiles it) and never traces the hand-written kernel. Forced here with
+    backend='triton' on CPU: the Triton step must not be reached while compiling."""
+    import hf_hybrid_attn.kernels.triton_decode as triton_decode
+
+    m = _model()
+    for _, attn in hf_hybrid_attn.iter_hybrid_attention(m):
+        attn.hybrid.backend = "triton"
+    ids, am = _prompt(5)
+
+    def refuse(*a, **k):
+        raise AssertionError("the Triton decode kernel was traced")
+
+    with torch.no_grad():
+        cache = HybridCache(m.config, compileable=True)
+        m(ids, attention_mask=am, **compat.cache_kwargs(cache), use_cache=True)
+        reference = copy.deepcopy(cache)
+        tok = torch.tensor([[5], [7]])
+        monkeypatch.setattr(triton_decode, "hybrid_decode_triton", refuse)
+        kw, _ = _step_kwargs(cache, tok, am, prepared=True)
+        got = torch.compile(m.forward, fullgraph=True, backend="eager")(**kw).logits
+        for _, attn in hf_hybrid_attn.iter_hybrid_attention(m):
+            attn.hybrid.backend = "torch"
+        kw, _ = _step_kwargs(reference, tok, am, prepared=True)
+        ref = m(**kw).logits
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
