@@ -423,7 +423,7 @@ class Runner:
         p = self._piece(model, "ppl", corpus, mode)
         if p is None:
             return None
-        return ppl_split(p["nll"], window)
+        return ppl_split(p["nll"], window, self.study.seq_len)
 
     def _task(self, model: str, task: str, mode: str, window: int | None = None) -> dict | None:
         p = self._piece(model, "task", task, mode)
@@ -444,8 +444,12 @@ def _val_fraction() -> float:
 # --- summaries -------------------------------------------------------------------------------------
 
 
-def ppl_split(nll_blocks: list[list[float]], window: int) -> dict:
-    """Perplexity inside (query positions < w) and beyond, with the spread over blocks."""
+def ppl_split(nll_blocks: list[list[float]], window: int, train_len: int | None = None) -> dict:
+    """Perplexity inside (query positions < w) and beyond, with the spread over blocks. With
+    `train_len` (the conversion's training sequence length), "beyond" is also split into the
+    positions a training sequence has (w <= position < train_len: `beyond_trained`) and those past
+    every training sequence (position >= train_len: `past_train`), where the linear state holds
+    more tokens than it ever did in training."""
     def ppl(rows):
         vals = [x for r in rows for x in r]
         return math.exp(sum(vals) / len(vals)) if vals else float("nan")
@@ -453,8 +457,13 @@ def ppl_split(nll_blocks: list[list[float]], window: int) -> dict:
     inside = [r[:window] for r in nll_blocks]
     beyond = [r[window:] for r in nll_blocks]
     per_block = [math.exp(sum(r) / len(r)) for r in beyond if r]
-    return {"inside": ppl(inside), "beyond": ppl(beyond), "blocks": len(nll_blocks),
-            "beyond_block_sd": statistics.stdev(per_block) if len(per_block) > 1 else float("nan")}
+    out = {"inside": ppl(inside), "beyond": ppl(beyond), "blocks": len(nll_blocks),
+           "beyond_block_sd": statistics.stdev(per_block) if len(per_block) > 1 else float("nan")}
+    if train_len is not None and train_len > window:
+        out["beyond_trained"] = ppl([r[window:train_len] for r in nll_blocks])
+        out["past_train"] = ppl([r[train_len:] for r in nll_blocks])
+        out["train_len"] = train_len
+    return out
 
 
 def task_summary(piece: dict, window: int | None) -> dict:
@@ -611,10 +620,16 @@ def render(res: dict) -> str:
         for name, m in res["models"].items():
             for mode, by_w in m["ppl"].get(corpus, {}).items():
                 for w, r in by_w.items():
-                    rows.append([name, mode, w, _fmt(r["inside"], 2), _fmt(r["beyond"], 2), _fmt(r["beyond_block_sd"], 2)])
+                    rows.append([name, mode, w, _fmt(r["inside"], 2), _fmt(r["beyond"], 2),
+                                 _fmt(r.get("beyond_trained"), 2), _fmt(r.get("past_train"), 2),
+                                 _fmt(r["beyond_block_sd"], 2)])
         lines += [f"## Perplexity, {corpus} ({'held-out speeches' if corpus == 'sotu' else 'never trained on'}),"
                   f" {s['ppl_blocks']} blocks of {s['ppl_block_size']}", "",
-                  *_table(["model", "mode", "w", "inside w", "beyond w", "sd over blocks (beyond)"], rows), ""]
+                  f"\"beyond w\" split at the training sequence length {s['seq_len']}: positions w..{s['seq_len'] - 1} "
+                  f"occur in training sequences; from {s['seq_len']} on, the linear state holds more tokens than it "
+                  "ever did in training.", "",
+                  *_table(["model", "mode", "w", "inside w", "beyond w", f"w..{s['seq_len'] - 1}",
+                           f">= {s['seq_len']}", "sd over blocks (beyond)"], rows), ""]
 
     # passkey
     dists = [str(d) for d in s["probe_distances"]]

@@ -154,5 +154,9 @@ def test_statistics():
     assert d["mean"] == 0.5 and d["low"] < 0.5 < d["high"] and d["n"] == 4
     s = rp.ppl_split([[math.log(2.0)] * 4 + [math.log(8.0)] * 4], 4)
     assert s["inside"] == pytest.approx(2.0) and s["beyond"] == pytest.approx(8.0)
+    s = rp.ppl_split([[math.log(2.0)] * 4 + [math.log(4.0)] * 2 + [math.log(16.0)] * 2], 4, train_len=6)
+    assert s["beyond"] == pytest.approx(8.0) and s["beyond_trained"] == pytest.approx(4.0)
+    assert s["past_train"] == pytest.approx(16.0) and s["train_len"] == 6
+    assert "past_train" not in rp.ppl_split([[0.0] * 8], 4, train_len=4)  # nothing between w and the length
     t = rp.task_summary({"correct": [1, 0, 1, 1], "lengths": [10, 70, 80, 20], "metric": "acc"}, 64)
     assert t["acc"] == 0.75 and t["share_longer"] == 0.5 and t["acc_longer"] == 0.5 and t["n_longer"] == 2
