@@ -15,7 +15,7 @@ import functools
 import importlib
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -406,9 +406,20 @@ def set_window(model, window: int, layers: int | Iterable[int] | None = None) ->
 
 
 @torch.no_grad()
-def collect_linear_share(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def collect_linear_share(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                         position_bins: Sequence[int] | None = None) -> torch.Tensor:
     """LA share of the normaliser (SPEC §4): per converted layer and head, the mean over valid query
-    positions >= w of alpha phi_q.z / D_i, in the current mode. Returns [num_converted_layers, H]."""
+    positions >= w of alpha phi_q.z / D_i, in the current mode. Returns [num_converted_layers, H].
+
+    position_bins: increasing position edges e_0 < e_1 < ... (positions among a row's valid
+    tokens, e_0 >= w): the share is averaged in each bin [e_i, e_i+1) instead, [layers, H, bins]
+    (NaN where a bin holds no valid query), e.g. to see whether the linear branch's weight in the
+    normaliser grows with the context, as its z sums ever more keys."""
+    edges = None
+    if position_bins is not None:
+        edges = [int(e) for e in position_bins]
+        if len(edges) < 2 or any(b <= a for a, b in zip(edges, edges[1:])) or edges[0] < 0:
+            raise ValueError(f"position_bins: expected at least two increasing positions >= 0, got {list(position_bins)}")
     stats: dict[int, torch.Tensor] = {}
     hooks = []
 
@@ -419,10 +430,20 @@ def collect_linear_share(model, input_ids: torch.Tensor, attention_mask: torch.T
             share = torch.where(den > 0, lin_den / den.clamp_min(1e-30), torch.zeros_like(den)).float()
             Tk, Tq = k.shape[2], q.shape[2]
             pos_in_row = key_valid.long().cumsum(1) - 1  # position of each token among valid ones
-            qmask = key_valid[:, Tk - Tq :] & (pos_in_row[:, Tk - Tq :] >= window)
-            m = qmask[:, None, :].float()
-            stats[idx] = ((share * m).sum((0, 2)) / m.sum((0, 2)).clamp_min(1)).cpu()
-            stats[f"n{idx}"] = m.sum((0, 2)).cpu()
+            pos = pos_in_row[:, Tk - Tq :]
+            qmask = key_valid[:, Tk - Tq :] & (pos >= window)
+            bins = [(window, None)] if edges is None else list(zip(edges, edges[1:]))
+            sums, counts = [], []
+            for lo, hi in bins:
+                m = (qmask & (pos >= lo) & (pos < hi if hi is not None else True))[:, None, :].float()
+                sums.append((share * m).sum((0, 2)))
+                counts.append(m.sum((0, 2)))
+            sums, counts = torch.stack(sums, -1).cpu(), torch.stack(counts, -1).cpu()  # [H, bins]
+            if edges is None:
+                stats[idx], stats[f"n{idx}"] = sums[:, 0] / counts[:, 0].clamp_min(1), counts[:, 0]
+            else:
+                stats[idx] = torch.where(counts > 0, sums / counts.clamp_min(1), torch.full_like(sums, float("nan")))
+                stats[f"n{idx}"] = counts.sum(-1)
             return y.transpose(1, 2)
 
         return hook
@@ -441,5 +462,6 @@ def collect_linear_share(model, input_ids: torch.Tensor, attention_mask: torch.T
         raise ValueError(
             f"input_ids: no query position beyond the window (w={mixers_of(pairs[0][1])[0].window}); "
             "the LA share needs sequences longer than the window"
+            + ("" if edges is None else f" and inside position_bins {edges}")
         )
     return torch.stack([stats[i] for i, _ in pairs])

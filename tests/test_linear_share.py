@@ -43,3 +43,24 @@ def test_share_is_zero_one_and_matches_direct_computation():
         expected.append(torch.stack(vals).mean())
     torch.testing.assert_close(share[0].double(), torch.stack(expected), rtol=1e-5, atol=1e-6)
     assert 0 < float(share.min()) and float(share.max()) < 1
+    # by position: bins of the row's valid positions, each the mean of its own queries
+    binned = hha.collect_linear_share(model, ids, mask, position_bins=[6, 10, 17, 30])
+    assert binned.shape == (1, 4, 3)
+    for j, (lo, hi) in enumerate([(6, 10), (10, 17), (17, 30)]):
+        for h in range(4):
+            vals = [ratio[b, h, t] for b in range(2) for t in range(25)
+                    if valid[b, t] and lo <= (t - (5 if b else 0)) < hi]
+            torch.testing.assert_close(binned[0, h, j].double(), torch.stack(vals).mean(), rtol=1e-5, atol=1e-6)
+    assert torch.isnan(hha.collect_linear_share(model, ids, mask, position_bins=[6, 25, 40])[0, :, 1]).all()
+
+
+def test_position_bins_are_checked():
+    import pytest
+
+    model = hha.convert(tiny_model(num_hidden_layers=1), window=6, feature_dim=8)
+    ids = torch.randint(3, 99, (1, 12))
+    for bad in ([6], [10, 8], [-1, 4]):
+        with pytest.raises(ValueError, match="position_bins: expected at least two increasing positions"):
+            hha.collect_linear_share(model, ids, position_bins=bad)
+    with pytest.raises(ValueError, match="inside position_bins"):
+        hha.collect_linear_share(model, ids, position_bins=[20, 30])
