@@ -463,7 +463,7 @@ def test_segmented_forward_equals_one_call(monkeypatch, mode, window, covers):
         whole = model(ids, attention_mask=mask, position_ids=pos).logits
         calls = []
         real = layers.HybridMixer._segmented
-        monkeypatch.setattr(layers.HybridMixer, "_segmented", lambda self, *a: calls.append(1) or real(self, *a))
+        monkeypatch.setattr(layers.HybridMixer, "_segmented", lambda self, *a, **kw: calls.append(1) or real(self, *a, **kw))
         _segment(monkeypatch, 16)
         seg = model(ids, attention_mask=mask, position_ids=pos).logits
     assert len(calls) == 2
