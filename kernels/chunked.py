@@ -13,7 +13,7 @@ linear attention, computed as a scan over query blocks: each block reads the run
 the keys before its reach, adds an intra-block masked product, then folds its keys in.
 
 Softmax sinks (`softmax_sinks` = n > 0, SPEC §2): the sink keys leave the linear branch (their
-validity is cleared there, so neither the intra-block terms nor the block states hold them), and
+validity is cleared there, so neither the intra-block terms nor the running state hold them), and
 the sinks that lie outside a query's band (j <= i - w, plus those before key 0, `prefix_sinks`)
 join its window softmax as at most n + S extra keys per query, in the same exact row max: O(T * n)
 extra work, never T x T.
