@@ -77,6 +77,13 @@ def _step_kwargs(cache, tok, am, prepared=False):
     return kw, am
 
 
+def _prefilled(m, ids, am):
+    """A compileable HybridCache after an eager prefill of ids, the greedy next token, the mask."""
+    cache = HybridCache(m.config, compileable=True)
+    out = m(ids, attention_mask=am, **compat.cache_kwargs(cache), use_cache=True)
+    return cache, out.logits[:, -1:].argmax(-1), am
+
+
 # (mode, HybridConfig overrides, left padding of row 1): 18 of 20 padded leaves the row with fewer
 # valid tokens than num_sinks (4), so the sinks bookkeeping runs in the compiled steps
 CASES = [
@@ -202,9 +209,8 @@ def test_compiled_steps_with_beam_reordering():
     runs = []
     with torch.no_grad():
         for fwd in (m.forward, step):
-            cache = HybridCache(m.config, compileable=True)
-            out = m(ids, attention_mask=am, **compat.cache_kwargs(cache), use_cache=True)
-            tok, a, logits = out.logits[:, -1:].argmax(-1), am, []
+            cache, tok, a = _prefilled(m, ids, am)
+            logits = []
             storage = cache.layers[0].keys.data_ptr()
             for perm in perms:
                 cache.reorder_cache(perm)
@@ -227,9 +233,7 @@ def test_counters_after_compiled_steps():
     caches = []
     with torch.no_grad():
         for fwd in (m.forward, step):
-            cache = HybridCache(m.config, compileable=True)
-            out = m(ids, attention_mask=am, **compat.cache_kwargs(cache), use_cache=True)
-            tok, a = out.logits[:, -1:].argmax(-1), am
+            cache, tok, a = _prefilled(m, ids, am)
             for i in range(6):
                 kw, a = _step_kwargs(cache, tok, a, prepared=True)
                 tok = (fwd if i < 4 else m.forward)(**kw).logits[:, -1:].argmax(-1)  # 4 compiled, then 2 eager
