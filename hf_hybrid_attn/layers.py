@@ -26,6 +26,11 @@ from .kernels.reference import softmax_sink_mask
 PREFILL_SEGMENT = 2048
 
 
+def _unused_features(q: torch.Tensor, key_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Width-1 stand-ins for (phi_q, phi_k) in swa_only, where the kernels never read them."""
+    return q[..., :1], q.new_zeros(q.shape[0], q.shape[1], key_length, 1)
+
+
 def first_valid(valid: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices [B, count] of the first `count` True entries of each row of `valid` [B, T] (in order),
     and whether each index really is a valid one."""
@@ -197,7 +202,7 @@ class HybridMixer(nn.Module):
             if n_sinks:
                 kw.update(softmax_sinks=n_sinks, prefix_sinks=prefix_sinks)
             if mode == "swa_only":  # the linear features are not needed
-                phi_q_, phi_k_ = (phi_q, phi_k) if phi_q is not None else (q[..., :1], q.new_zeros(q.shape[0], q.shape[1], k.shape[2], 1))
+                phi_q_, phi_k_ = (phi_q, phi_k) if phi_q is not None else _unused_features(q, k.shape[2])
             else:
                 phi_q_, phi_k_ = phi_q, phi_k
             gamma, alpha = self.gamma(), self.alpha()
@@ -277,7 +282,7 @@ class HybridMixer(nn.Module):
             if linear:
                 phi_q, phi_k = self.features(q[:, :, s - off : e - off], kk)
             else:  # the kernels take feature maps of any width in swa_only and never read them
-                phi_q, phi_k = q[:, :, s - off : e - off, :1], q.new_zeros(q.shape[0], H, kk.shape[2], 1)
+                phi_q, phi_k = _unused_features(q[:, :, s - off : e - off], kk.shape[2])
             sink_kw = {}
             if n:  # the sinks before this segment's first key
                 sink_kw = dict(softmax_sinks=n, prefix_sinks=(sinks[0], sinks[1], sinks[3] & (sinks[2] < ks)))
