@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -206,3 +207,24 @@ print(json.dumps({"help": buf.getvalue(), "torch": "torch" in sys.modules}))
     for name in ("demo", "generate", "info", "convert", "diagnose", "push"):
         assert name in r["help"]
     assert r["torch"] is False
+
+
+def test_wheel_maps_kernels_under_the_package_and_ships_its_data(tmp_path):
+    """The built wheel installs the repository's `kernels/` folder as `hf_hybrid_attn.kernels` and
+    nothing as a top-level `kernels` (PyPI's `kernels`, which transformers imports, has that name),
+    and it carries the data files the package reads by path (lm-eval task files, the card template)."""
+    import zipfile
+
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(ROOT)],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "PIP_CONSTRAINT": ""})
+    assert out.returncode == 0, out.stderr[-3000:]
+    (wheel,) = tmp_path.glob("hf_hybrid_attn-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
+    assert tops == {"hf_hybrid_attn"}, tops
+    ours = {p.name for p in (ROOT / "kernels").glob("*.py")}
+    assert {n.rsplit("/", 1)[1] for n in names if n.startswith("hf_hybrid_attn/kernels/")} == ours
+    for f in ("hf_hybrid_attn/tasks/hha_piqa.yaml", "hf_hybrid_attn/tasks/hha_utils.py",
+              "hf_hybrid_attn/templates/hybrid_model_card.md.j2"):
+        assert f in names, f
+    assert "BuildBackendWarning" not in out.stderr, out.stderr[-3000:]
