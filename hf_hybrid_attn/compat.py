@@ -17,6 +17,11 @@ Known differences, oldest first:
     function as the `cache=` keyword; from 5.24 it is the attention module's `cache` argument and
     the attention function sees only the paged metadata (`block_table`, `cu_seq_lens_q`, ...).
     `is_paged_or_packed` recognises both.
+  - **Hub kernels.** From 5.25 `from_pretrained` kernelizes every model by default and imports PyPI's
+    `kernels` (a hard dependency). Nothing here needs to change for it: on CPU nothing is replaced,
+    and the hybrid's modules carry no kernels decorator. The one trap, this repository's own
+    `kernels/` folder shadowing PyPI's when a clone's root is on sys.path, is handled in
+    `kernels/__init__.py`.
 
 Nothing here imports a model family: it stays importable with any transformers version, and the
 rest of the package asks it instead of checking versions itself.
@@ -117,7 +122,7 @@ def plain_mask_window(mask_function: Any) -> tuple[bool, int | None]:
     (`causal_mask_function`) -> (True, None), and the sliding-window layers' causal mask
     (`sliding_window_causal_mask_function(W)` = and_masks(sliding_window_overlay(W), causal)) ->
     (True, W). Anything else (packed sequences, custom and/or masks, block overlays, a pattern a later
-    release adds) -> (False, None): the caller must then build the exact 4-D mask. Same in 5.17-5.24."""
+    release adds) -> (False, None): the caller must then build the exact 4-D mask. Same in 5.17-5.25."""
     from transformers import masking_utils as mu
 
     if mask_function is mu.causal_mask_function:
