@@ -40,7 +40,10 @@ class FeatureMap(nn.Module):
             self.bias.zero_()
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        u = torch.einsum("bhtd,hdf->bhtf", x, self.weight.to(x.dtype))
+        w = self.weight.to(x.dtype)
+        # the same products either way; on CPU matmul (W broadcast over the batch) is the faster one,
+        # except for one token of several rows (a decode step), where it would copy W per row
+        u = torch.einsum("bhtd,hdf->bhtf", x, w) if x.shape[0] > 1 and x.shape[2] == 1 else torch.matmul(x, w)
         if self.has_bias:
             u = u + self.bias.to(x.dtype)[None, :, None, :]
         return u
@@ -60,7 +63,8 @@ class HedgehogFeatureMap(FeatureMap):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         u = self.project(x)
-        return torch.cat([torch.softmax(u, -1), torch.softmax(-u, -1)], -1).clamp(min=1e-12)
+        both = torch.cat([u, -u], -1).unflatten(-1, (2, u.shape[-1]))  # one softmax over each half
+        return torch.softmax(both, -1).flatten(-2).clamp(min=1e-12)
 
 
 class HedgehogExpFeatureMap(FeatureMap):

@@ -320,17 +320,18 @@ class HybridMixer(nn.Module):
         """The decode step on the cache's ring, in place (`kernels.decode` / `kernels.triton_decode`):
         the feature map runs on the new key and on the one key leaving the window (and, in the
         modes whose linear branch covers the window, on the ring's w-1 keys)."""
-        phi_q, phi_k = self.features(q, k)
-        gamma, alpha = self.gamma(), self.alpha()
-        validate_inputs(q, k, v, phi_q, phi_k, gamma, alpha, window=self.window, mode=mode, key_valid=key_valid)
         ring = cache_layer.decode_cache()
         lin_window = mode == "linear_only" or (mode == "hybrid" and self.linear_covers_window)
-        phi_evict = None
-        if ring.k_win.shape[2]:
-            if lin_window:
+        phi_q, phi_evict = self.feature_map_q(q), None
+        if ring.k_win.shape[2] and not lin_window:  # phi_k of the new key and of the key leaving, in one call
+            both = self.feature_map_k(expand_kv_heads(torch.cat([k, ring.evicted_keys().to(k.dtype)], 2), self.num_heads))
+            phi_k, phi_evict = both[:, :, :1], both[:, :, 1:]
+        else:
+            phi_k = self.feature_map_k(expand_kv_heads(k, self.num_heads))
+            if ring.k_win.shape[2]:
                 ring = dataclasses.replace(ring, phi_k_win=self.feature_map_k(expand_kv_heads(ring.k_win, self.num_heads)))
-            else:
-                phi_evict = self.feature_map_k(expand_kv_heads(ring.evicted_keys(), self.num_heads))
+        gamma, alpha = self.gamma(), self.alpha()
+        validate_inputs(q, k, v, phi_q, phi_k, gamma, alpha, window=self.window, mode=mode, key_valid=key_valid)
         n = self.softmax_sinks
         if backend == "triton":  # with softmax sinks it runs the torch step
             from .kernels.triton_decode import hybrid_decode_triton as step

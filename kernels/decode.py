@@ -211,50 +211,44 @@ def hybrid_decode_torch(
     new_valid = (torch.ones(B, dtype=torch.bool, device=q.device) if key_valid is None
                  else key_valid.reshape(B).to(device=q.device, dtype=torch.bool))
     sink = _sink_step(cache, sinks, softmax_sinks, new_valid, B, Hkv, D, DV) if softmax_sinks else None
+    # Few, whole-tensor ops: on CPU a step costs about one dispatch per op, whatever the sizes.
     qg = q.to(f32).reshape(B, Hkv, G, D)
     kn, vn = k.to(f32).reshape(B, Hkv, 1, D), v.to(f32).reshape(B, Hkv, 1, DV)
-    vw = cache.v_win.to(f32)
-    num = torch.zeros(B, Hkv, G, DV, dtype=f32, device=q.device)
-    den = torch.zeros(B, Hkv, G, dtype=f32, device=q.device)
-    if mode != "linear_only":  # the softmax window: the ring + the new key, row max over the window
-        s_new = scale * (qg * kn).sum(-1)  # [B, Hkv, G]
-        s_new = s_new.masked_fill(~new_valid[:, None, None], float("-inf"))
-        s_win = (scale * qg @ cache.k_win.to(f32).transpose(-1, -2)).masked_fill(~cache.valid[:, None, None, :],
-                                                                             float("-inf"))
-        c = torch.maximum(s_new, s_win.amax(-1)) if W1 else s_new
-        if sink is not None:  # the sinks older than the window: more keys of the same softmax
-            s_sink = (scale * qg @ sink["k"].transpose(-1, -2)).masked_fill(~sink["outside"][:, None, None, :],
-                                                                             float("-inf"))
-            if s_sink.shape[-1]:
-                c = torch.maximum(c, s_sink.amax(-1))
-        c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))  # no valid key in the window: adds 0
-        p_new, p_win = torch.exp(s_new - c), torch.exp(s_win - c[..., None])
-        g = gamma.to(f32).reshape(1, Hkv, G)
-        num += g[..., None] * (p_win @ vw + p_new[..., None] * vn)
-        den += g * (p_win.sum(-1) + p_new)
-        if sink is not None:
-            p_sink = torch.exp(s_sink - c[..., None])
-            num += g[..., None] * (p_sink @ sink["v"])
-            den += g * p_sink.sum(-1)
+    num = den = None
+    if mode != "linear_only":  # one softmax over [sinks older than the window,] the ring and the new key
+        keys, values, valid = [cache.k_win.to(f32), kn], [cache.v_win.to(f32), vn], [cache.valid, new_valid[:, None]]
+        if sink is not None and sink["k"].shape[2]:
+            keys.insert(0, sink["k"])
+            values.insert(0, sink["v"])
+            valid.insert(0, sink["outside"])
+        s = (scale * qg) @ torch.cat(keys, 2).transpose(-1, -2)  # [B, Hkv, G, n]
+        s = s.masked_fill(~torch.cat(valid, 1)[:, None, None, :], float("-inf"))
+        # row max over the valid keys; a row with none gets the lowest finite value, so every p is 0
+        c = s.amax(-1, keepdim=True).clamp_min(torch.finfo(f32).min)
+        p = torch.exp(s - c)
+        g = gamma.to(f32).reshape(1, Hkv, G, 1)
+        num = g * (p @ torch.cat(values, 2))
+        den = g * p.sum(-1, keepdim=True)
     if mode != "swa_only":  # the linear branch: the state (+ the window's keys where it covers them)
-        pq = phi_q.to(f32).reshape(B, H, F)
-        lin_num = (pq[:, :, None, :] @ cache.S).reshape(B, Hkv, G, DV)
-        lin_den = (pq * cache.z).sum(-1).reshape(B, Hkv, G)
+        pq = phi_q.to(f32).reshape(B, H, 1, F)
+        lin_num = (pq @ cache.S).reshape(B, Hkv, G, DV)
+        lin_den = (pq @ cache.z[..., None]).reshape(B, Hkv, G, 1)
         if lin_window:
+            pq = pq.reshape(B, H, F)
             new_lin = new_valid if sink is None else new_valid & ~sink["new"]
             win_lin = cache.valid if sink is None else cache.valid & ~sink["ring"]
-            a_new = (pq * phi_k.to(f32).reshape(B, H, F)).sum(-1).reshape(B, Hkv, G) * new_lin[:, None, None]
-            lin_num = lin_num + a_new[..., None] * vn
+            a_new = (pq * phi_k.to(f32).reshape(B, H, F)).sum(-1).reshape(B, Hkv, G, 1) * new_lin[:, None, None, None]
+            lin_num = lin_num + a_new * vn
             lin_den = lin_den + a_new
             if W1:
                 a_win = (cache.phi_k_win.to(f32) @ pq[..., None]).squeeze(-1)  # [B, H, W1]
                 a_win = (a_win * win_lin[:, None, :]).reshape(B, Hkv, G, W1)
-                lin_num = lin_num + a_win @ vw
-                lin_den = lin_den + a_win.sum(-1)
-        a = alpha.to(f32).reshape(1, Hkv, G)
-        num += a[..., None] * lin_num
-        den += a * lin_den
-    y = torch.where(den[..., None] > 0, num / den.clamp_min(1e-30)[..., None], torch.zeros_like(num))
+                lin_num = lin_num + a_win @ cache.v_win.to(f32)
+                lin_den = lin_den + a_win.sum(-1, keepdim=True)
+        a = alpha.to(f32).reshape(1, Hkv, G, 1)
+        num = a * lin_num if num is None else torch.addcmul(num, a, lin_num)
+        den = a * lin_den if den is None else torch.addcmul(den, a, lin_den)
+    y = torch.where(den > 0, num / den.clamp_min(1e-30), 0.0)
     if update_cache:
         _advance(cache, k, v, phi_k, phi_k_evict, new_valid, sink)
     return y.reshape(B, H, 1, DV).to(q.dtype)
@@ -291,19 +285,29 @@ def _advance(cache: DecodeCache, k, v, phi_k, phi_k_evict, new_valid, sink=None)
     """Steps 2-3: fold the key leaving the window (not a sink), write the new token into its slot,
     position += 1."""
     W1 = cache.k_win.shape[2]
-    state = (cache.S, cache.z)
     if W1 == 0:  # w = 1: the new key leaves the window at once
-        fold_into_state(state, phi_k, v, (new_valid if sink is None else new_valid & ~sink["new"])[:, None])
+        _fold_one(cache, phi_k, v, new_valid if sink is None else new_valid & ~sink["new"])
     else:
         slot = cache.evict_slot()
         phi_old = cache.phi_k_win.index_select(2, slot) if cache.phi_k_win is not None else phi_k_evict
-        old_valid = cache.valid.index_select(1, slot)
+        old_valid = cache.valid.index_select(1, slot)[:, 0]
         if sink is not None:
-            old_valid = old_valid & ~sink["ring"].index_select(1, slot)
-        fold_into_state(state, phi_old, cache.v_win.index_select(2, slot), old_valid)
+            old_valid = old_valid & ~sink["ring"].index_select(1, slot)[:, 0]
+        _fold_one(cache, phi_old, cache.v_win.index_select(2, slot), old_valid)
         cache.k_win.index_copy_(2, slot, k.to(cache.k_win.dtype))
         cache.v_win.index_copy_(2, slot, v.to(cache.v_win.dtype))
         cache.valid.index_copy_(1, slot, new_valid.view(-1, 1))
         if cache.phi_k_win is not None:
             cache.phi_k_win.index_copy_(2, slot, phi_k.to(cache.phi_k_win.dtype))
     cache.position.add_(1)
+
+
+def _fold_one(cache: DecodeCache, phi: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> None:
+    """S += phi v^T and z += phi for one token per row (phi [B,H,1,F], v [B,Hkv,1,Dv], valid [B]),
+    in fp32 and in place; the G query heads of a KV group share its value (never expanded)."""
+    S, z = cache.S, cache.z
+    B, H, F, DV = S.shape
+    Hkv = v.shape[1]
+    w = phi.to(torch.float32).reshape(B, H, F) * valid.to(torch.float32)[:, None, None]
+    z.add_(w)
+    S.view(B, Hkv, H // Hkv, F, DV).addcmul_(w.view(B, Hkv, H // Hkv, F, 1), v.to(torch.float32).view(B, Hkv, 1, 1, DV))

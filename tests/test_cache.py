@@ -66,8 +66,8 @@ def test_multi_token_chunks_equal_uncached(model):
 
 
 def test_decode_steps_map_only_the_new_and_the_evicted_key(model):
-    """A decode step runs phi_k on two one-token inputs per layer: the new key and the key leaving
-    the window (phi_k is recomputed, not stored: its ring would be (H/Hkv)*(F'/D) times the k ring);
+    """A decode step runs phi_k once per layer, on two tokens: the new key and the key leaving the
+    window (phi_k is recomputed, not stored: its ring would be (H/Hkv)*(F'/D) times the k ring);
     the cache keeps exactly the w-1 window keys, in a ring, and no phi_k."""
     ids, mask, pos = left_padded()
     seen = []
@@ -86,7 +86,7 @@ def test_decode_steps_map_only_the_new_and_the_evicted_key(model):
     finally:
         for h in hooks:
             h.remove()
-    assert seen == [1] * (2 * 9 * len(layers)), seen
+    assert seen == [2] * (9 * len(layers)), seen
     _, attn = layers[0]
     layer = cache.layers[0]
     assert not hasattr(layer, "phi_keys") and layer.keys.shape[2] == attn.hybrid.window - 1
