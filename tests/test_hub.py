@@ -3,9 +3,9 @@
 huggingface_hub reads HF_ENDPOINT at import, so the client side (push, from_pretrained,
 PeftModel.from_pretrained, ModelCard) runs in a fresh process:
 `python tests/hub_roundtrip.py`, once per library stack. It measures; the tests
-below assert. Stacks: this venv (huggingface_hub 2.x); huggingface_hub 1.33 with the venv's
-transformers (scripts/hub_compat.sh); transformers 5.17 + huggingface_hub 1.33, the GPU machine's
-stack (scripts/install_compat.sh). A stack is skipped only if its pip install fails.
+below assert. Stacks: this venv (huggingface_hub 2.x); huggingface_hub 1.33 with transformers 5.24,
+the newest release that accepts hub 1.x (scripts/hub_compat.sh); transformers 5.17 + huggingface_hub
+1.33, the GPU machine's stack (scripts/install_compat.sh). A stack is skipped only if its pip install fails.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: stack name -> (install script printing a PYTHONPATH dir or None, expected hub major, expected transformers)
 STACKS = {
     "venv": (None, None, None),
-    "hub1": ("scripts/hub_compat.sh", "1.", None),
+    "hub1": ("scripts/hub_compat.sh", "1.", "5.24."),
     "tf517-hub1": ("scripts/install_compat.sh", "1.", "5.17."),
 }
 
