@@ -140,6 +140,7 @@ def main(argv=None) -> int:
         if not path or not os.path.isfile(os.path.join(path, "config.json")):
             raise SystemExit(f"{name}: expected a checkpoint folder with config.json, got {path!r} "
                              "(run scripts/run_vllm_tests.sh once to build the default ones)")
+    os.makedirs(a.out_dir, exist_ok=True)  # the engines' children write their records there
     machine = machine_name()
     load_before = os.getloadavg()
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE=str(a.kv_space_gib),
