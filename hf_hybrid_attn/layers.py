@@ -322,14 +322,12 @@ class HybridMixer(nn.Module):
         modes whose linear branch covers the window, on the ring's w-1 keys)."""
         ring = cache_layer.decode_cache()
         lin_window = mode == "linear_only" or (mode == "hybrid" and self.linear_covers_window)
-        phi_q, phi_evict = self.feature_map_q(q), None
-        if ring.k_win.shape[2] and not lin_window:  # phi_k of the new key and of the key leaving, in one call
-            both = self.feature_map_k(expand_kv_heads(torch.cat([k, ring.evicted_keys().to(k.dtype)], 2), self.num_heads))
-            phi_k, phi_evict = both[:, :, :1], both[:, :, 1:]
-        else:
-            phi_k = self.feature_map_k(expand_kv_heads(k, self.num_heads))
-            if ring.k_win.shape[2]:
-                ring = dataclasses.replace(ring, phi_k_win=self.feature_map_k(expand_kv_heads(ring.k_win, self.num_heads)))
+        evicts = ring.k_win.shape[2] > 0 and not lin_window  # fold needs phi_k of the key leaving
+        keys = torch.cat([k, ring.evicted_keys().to(k.dtype)], 2) if evicts else k  # both in one call
+        phi_q, phi_keys = self.features(q, keys)
+        phi_k, phi_evict = phi_keys[:, :, :1], (phi_keys[:, :, 1:] if evicts else None)
+        if lin_window and ring.k_win.shape[2]:
+            ring = dataclasses.replace(ring, phi_k_win=self.feature_map_k(expand_kv_heads(ring.k_win, self.num_heads)))
         gamma, alpha = self.gamma(), self.alpha()
         validate_inputs(q, k, v, phi_q, phi_k, gamma, alpha, window=self.window, mode=mode, key_valid=key_valid)
         n = self.softmax_sinks

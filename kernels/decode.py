@@ -141,6 +141,11 @@ def fold_into_state(state: tuple[torch.Tensor, torch.Tensor], phi_k: torch.Tenso
     B, H, F, D = S.shape
     Hkv, T = v.shape[1], v.shape[2]
     G = H // Hkv
+    if T == 1 and inplace:  # a decode step's one token: an outer product, no chunk loop or reshapes
+        w = phi_k.float().reshape(B, H, F) * valid.float().reshape(B, 1, 1)
+        z.add_(w)
+        S.view(B, Hkv, G, F, D).addcmul_(w.view(B, Hkv, G, F, 1), v.float().view(B, Hkv, 1, 1, D))
+        return S, z
     for s in range(0, T, chunk):
         e = min(T, s + chunk)
         fk = phi_k[:, :, s:e].float() * valid[:, None, s:e, None].float()  # [B, H, c, F]
@@ -286,28 +291,17 @@ def _advance(cache: DecodeCache, k, v, phi_k, phi_k_evict, new_valid, sink=None)
     position += 1."""
     W1 = cache.k_win.shape[2]
     if W1 == 0:  # w = 1: the new key leaves the window at once
-        _fold_one(cache, phi_k, v, new_valid if sink is None else new_valid & ~sink["new"])
+        fold_into_state((cache.S, cache.z), phi_k, v, (new_valid if sink is None else new_valid & ~sink["new"])[:, None])
     else:
         slot = cache.evict_slot()
         phi_old = cache.phi_k_win.index_select(2, slot) if cache.phi_k_win is not None else phi_k_evict
-        old_valid = cache.valid.index_select(1, slot)[:, 0]
+        old_valid = cache.valid.index_select(1, slot)
         if sink is not None:
-            old_valid = old_valid & ~sink["ring"].index_select(1, slot)[:, 0]
-        _fold_one(cache, phi_old, cache.v_win.index_select(2, slot), old_valid)
+            old_valid = old_valid & ~sink["ring"].index_select(1, slot)
+        fold_into_state((cache.S, cache.z), phi_old, cache.v_win.index_select(2, slot), old_valid)
         cache.k_win.index_copy_(2, slot, k.to(cache.k_win.dtype))
         cache.v_win.index_copy_(2, slot, v.to(cache.v_win.dtype))
         cache.valid.index_copy_(1, slot, new_valid.view(-1, 1))
         if cache.phi_k_win is not None:
             cache.phi_k_win.index_copy_(2, slot, phi_k.to(cache.phi_k_win.dtype))
     cache.position.add_(1)
-
-
-def _fold_one(cache: DecodeCache, phi: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> None:
-    """S += phi v^T and z += phi for one token per row (phi [B,H,1,F], v [B,Hkv,1,Dv], valid [B]),
-    in fp32 and in place; the G query heads of a KV group share its value (never expanded)."""
-    S, z = cache.S, cache.z
-    B, H, F, DV = S.shape
-    Hkv = v.shape[1]
-    w = phi.to(torch.float32).reshape(B, H, F) * valid.to(torch.float32)[:, None, None]
-    z.add_(w)
-    S.view(B, Hkv, H // Hkv, F, DV).addcmul_(w.view(B, Hkv, H // Hkv, F, 1), v.to(torch.float32).view(B, Hkv, 1, 1, DV))
