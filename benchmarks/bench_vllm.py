@@ -13,8 +13,9 @@ with 1 new token (prefill) and with --new-tokens (prefill + decode). Reported:
 generated tokens/s end to end, decode tokens/s ((N-1) tokens per request over the time beyond the
 prefill), prefill tokens/s, the cache the batch needs as vLLM sizes it (teacher: paged KV for
 context + new tokens; hybrid: its fixed state), and the process's peak RSS.
-Writes benchmarks/results/vllm_<machine>.json and .md. The load average is recorded: on a machine
-shared with other jobs (load > cores) the numbers are lower and noisier than they would be alone.
+Writes benchmarks/results/vllm_<machine>.json and .md. The CPU time other processes used during the
+run (the machine's busy time less this benchmark's own engines', from /proc/stat and rusage) is
+recorded: on a machine shared with other jobs the numbers are lower and noisier than they would be alone.
 """
 
 from __future__ import annotations
@@ -143,6 +144,7 @@ def main(argv=None) -> int:
     os.makedirs(a.out_dir, exist_ok=True)  # the engines' children write their records there
     machine = machine_name()
     load_before = os.getloadavg()
+    busy0, own0, t0 = _busy_cpu_s(), _children_cpu_s(), time.time()
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE=str(a.kv_space_gib),
                TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1")
     results = {}
@@ -159,11 +161,14 @@ def main(argv=None) -> int:
         os.remove(out)
         results[label]["wall_s"] = round(time.time() - t, 1)
     load_after = os.getloadavg()
+    other_cores = None if busy0 is None else max(0.0, (_busy_cpu_s() - busy0) - (_children_cpu_s() - own0)) / (time.time() - t0)
     import vllm
 
     res = {"machine": machine, "device": "cuda" if cuda else "cpu", "vllm": vllm.__version__,
            "load_avg_before": [round(x, 2) for x in load_before], "load_avg_after": [round(x, 2) for x in load_after],
-           "shared_machine": max(load_before[0], load_after[0]) > 1.0,
+           "other_jobs_cores": None if other_cores is None else round(other_cores, 2),
+           # the engines' own load is excluded: shared when other jobs took a quarter of a core on average
+           "shared_machine": load_before[0] > 1.0 if other_cores is None else other_cores > 0.25,
            "dtype": "float32", "enforce_eager": True, "contexts": contexts, "requests": requests,
            "new_tokens": a.new_tokens, "models": {k: os.path.basename(v["model"]) for k, v in results.items()},
            "kv_space_gib": None if cuda else a.kv_space_gib,
@@ -177,6 +182,24 @@ def main(argv=None) -> int:
     return 0
 
 
+def _busy_cpu_s() -> float | None:
+    """CPU seconds all processes have spent busy since boot (/proc/stat), None where there is no /proc."""
+    try:
+        with open("/proc/stat") as f:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in f.readline().split()[1:9])
+    except (OSError, ValueError):
+        return None
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu_s() -> float:
+    """CPU seconds of this process's finished children (the engines) and their own children."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def render(res: dict) -> str:
     t, h = res["teacher"], res["hybrid"]
     lines = [
@@ -186,8 +209,11 @@ def render(res: dict) -> str:
         "hedgehog F = 64), same engine settings, run one after the other in this run",
         f"- {res['requests']} concurrent requests, random prompts of the given context, {res['new_tokens']} new tokens "
         "each (greedy, ignore_eos)",
-        f"- load average before / after: {res['load_avg_before']} / {res['load_avg_after']}"
-        + (" — **the machine was shared with other jobs (load > 1): absolute numbers are low and noisy; the ratio is "
+        f"- load average before / after: {res['load_avg_before']} / {res['load_avg_after']} (after: this benchmark's "
+        "engines included); other processes used "
+        + ("an unknown share of the CPUs" if res.get("other_jobs_cores") is None
+           else f"{res['other_jobs_cores']:.2f} cores on average during the run")
+        + (" — **the machine was shared with other jobs: absolute numbers are low and noisy; the ratio is "
            "the comparison**" if res["shared_machine"] else ""),
         f"- per sequence: hybrid state {h['state_bytes_per_seq'] / 2**20:.2f} MiB whatever the length; teacher KV "
         f"{t['kv_bytes_per_token'] / 1024:.1f} KiB per token ({t['kv_bytes_per_token'] * 32768 / 2**20:.0f} MiB at 32k, "

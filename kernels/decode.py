@@ -7,7 +7,9 @@ The ring layout (`DecodeCache`), per layer, for window w and the next token at a
     valid         [B, w-1] bool       slot holds a real key (False: padding or never filled)
     S, z          fp32 [B, H, F, D], [B, H, F]   sum of phi_k v^T and phi_k over every valid key
                                       older than the window (positions <= T-w)
-    position      [1] int64           T, on the device (no host sync per step)
+    position      [1] int64           T, on the device (no host sync per step); or [B]: a position
+                                      per row (rows of different requests, as vLLM batches them;
+                                      not with softmax sinks)
     phi_k_win     optional [B, H, w-1, F]: phi_k of the ring's keys (same slots), only read by the
                                       modes whose linear branch covers the window
 
@@ -109,12 +111,22 @@ class DecodeCache:
             self.phi_k_win[:, :, slot] = phi_k[:, :, src].to(self.phi_k_win.dtype)
 
     def evict_slot(self) -> torch.Tensor:
-        """[1] int64: ring slot of the key that leaves the window after the next step."""
+        """[1] (or [B], a position per row) int64: ring slot of the key that leaves the window after
+        the next step."""
         return self.position % max(self.window - 1, 1)
 
     def evicted_keys(self) -> torch.Tensor:
         """[B, Hkv, 1, D]: raw key at position T-w+1 (apply the feature map to get phi_k_evict)."""
-        return self.k_win.index_select(2, self.evict_slot())
+        return ring_take(self.k_win, self.evict_slot())
+
+    def write_slot(self, slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
+                   phi_k: torch.Tensor | None = None) -> None:
+        """Step 3: the new token ([B, Hkv, 1, D], valid [B]) into ring slot `slot` ([1] or [B])."""
+        ring_put(self.k_win, slot, k)
+        ring_put(self.v_win, slot, v)
+        ring_put(self.valid, slot, valid.reshape(-1, 1))
+        if self.phi_k_win is not None and phi_k is not None:
+            ring_put(self.phi_k_win, slot, phi_k)
 
     def chronological(self, position: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(k, v, valid) of the ring's tokens oldest first, copies (positions max(0, P-w+1) .. P-1,
@@ -126,6 +138,39 @@ class DecodeCache:
         else:
             idx = (torch.arange(slots, device=self.k_win.device) + position % slots) % slots
         return self.k_win.index_select(2, idx), self.v_win.index_select(2, idx), self.valid.index_select(1, idx)
+
+
+def check_position(cache: DecodeCache, batch: int) -> None:
+    """cache.position must be int64 [1] (shared) or [batch] (one per row)."""
+    p = cache.position
+    if p.dtype != torch.int64 or p.dim() != 1 or p.shape[0] not in (1, batch):
+        raise ValueError(f"cache.position: expected an int64 tensor [1] or [{batch}] (one per row), got "
+                         f"{p.dtype} {tuple(p.shape)}")
+
+
+def ring_take(t: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """Ring slot `slot` of every row of a ring tensor (4-D [B, X, w-1, ...]: slots on dim 2; 2-D
+    `valid` [B, w-1]: dim 1), keeping that dim (size 1). slot [1]: the same slot for every row; [B]:
+    one slot per row."""
+    d = 1 if t.dim() == 2 else 2
+    if slot.numel() == 1:
+        return t.index_select(d, slot.reshape(1))
+    rows = torch.arange(t.shape[0], device=t.device)
+    return (t[rows, slot] if d == 1 else t[rows, :, slot]).unsqueeze(d)
+
+
+def ring_put(t: torch.Tensor, slot: torch.Tensor, value: torch.Tensor) -> None:
+    """In place: write `value` (shaped as `ring_take(t, slot)` returns) into ring slot `slot`."""
+    d = 1 if t.dim() == 2 else 2
+    value = value.to(t.dtype)
+    if slot.numel() == 1:
+        t.index_copy_(d, slot.reshape(1), value)
+        return
+    rows = torch.arange(t.shape[0], device=t.device)
+    if d == 1:
+        t[rows, slot] = value.reshape(-1)
+    else:
+        t[rows, :, slot] = value.squeeze(2)
 
 
 def fold_into_state(state: tuple[torch.Tensor, torch.Tensor], phi_k: torch.Tensor, v: torch.Tensor,
@@ -212,6 +257,10 @@ def hybrid_decode_torch(
         raise ValueError(f"softmax_sinks: expected an integer >= 0, got {softmax_sinks!r}")
     if sinks is not None and not softmax_sinks:
         raise ValueError("sinks: given with softmax_sinks=0 (no sinks); pass softmax_sinks=n")
+    check_position(cache, B)
+    if softmax_sinks and cache.position.numel() != 1:
+        raise ValueError(f"cache.position: softmax sinks need one position shared by the batch ([1]), got "
+                         f"{tuple(cache.position.shape)}")
     f32 = torch.float32
     new_valid = (torch.ones(B, dtype=torch.bool, device=q.device) if key_valid is None
                  else key_valid.reshape(B).to(device=q.device, dtype=torch.bool))
@@ -294,14 +343,10 @@ def _advance(cache: DecodeCache, k, v, phi_k, phi_k_evict, new_valid, sink=None)
         fold_into_state((cache.S, cache.z), phi_k, v, (new_valid if sink is None else new_valid & ~sink["new"])[:, None])
     else:
         slot = cache.evict_slot()
-        phi_old = cache.phi_k_win.index_select(2, slot) if cache.phi_k_win is not None else phi_k_evict
-        old_valid = cache.valid.index_select(1, slot)
+        phi_old = ring_take(cache.phi_k_win, slot) if cache.phi_k_win is not None else phi_k_evict
+        old_valid = ring_take(cache.valid, slot)
         if sink is not None:
             old_valid = old_valid & ~sink["ring"].index_select(1, slot)
-        fold_into_state((cache.S, cache.z), phi_old, cache.v_win.index_select(2, slot), old_valid)
-        cache.k_win.index_copy_(2, slot, k.to(cache.k_win.dtype))
-        cache.v_win.index_copy_(2, slot, v.to(cache.v_win.dtype))
-        cache.valid.index_copy_(1, slot, new_valid.view(-1, 1))
-        if cache.phi_k_win is not None:
-            cache.phi_k_win.index_copy_(2, slot, phi_k.to(cache.phi_k_win.dtype))
+        fold_into_state((cache.S, cache.z), phi_old, ring_take(cache.v_win, slot), old_valid)
+        cache.write_slot(slot, k, v, new_valid, phi_k)
     cache.position.add_(1)

@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .decode import DecodeCache
+from .decode import DecodeCache, check_position
 from .reference import KERNEL_MODES
 from .triton_common import LOG2E, block_size, check_runnable, compute_dtype, device_guard
 
@@ -53,7 +53,7 @@ __all__ = ["DecodeCache", "hybrid_decode_triton"]
 @triton.jit
 def _hybrid_decode_kernel(
     Q, KN, VN, FQ, FKN, NVALID, KW, VW, WVALID, FKW, FKE, S, Z, GAMMA, ALPHA, POS, Y,
-    H, HKV, window, qk_scale,
+    H, HKV, window, qk_scale, POS_STRIDE,
     W1: tl.constexpr, BW: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, FD: tl.constexpr,
     BDK: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr,
     HAS_WIN: tl.constexpr, HAS_LIN: tl.constexpr, LIN_WINDOW: tl.constexpr, HAS_FKW: tl.constexpr,
@@ -72,7 +72,7 @@ def _hybrid_decode_kernel(
     f_ok = offs_f < FD
     gamma = tl.load(GAMMA + h).to(tl.float32)
     alpha = tl.load(ALPHA + h).to(tl.float32)
-    pos = tl.load(POS)
+    pos = tl.load(POS + b * POS_STRIDE)  # one position for the batch (stride 0), or one per row
 
     w_valid = tl.load(WVALID + b.to(tl.int64) * W1 + offs_w, mask=offs_w < W1, other=0) != 0
     new_valid = tl.load(NVALID + b) != 0
@@ -181,6 +181,12 @@ def _check(q, k, v, phi_q, phi_k, gamma, alpha, cache: DecodeCache, mode, linear
         raise ValueError(f"phi_k_evict must be [B, H, 1, F] = [{B}, {H}, 1, {Fd}], got {tuple(phi_k_evict.shape)}")
     if key_valid is not None and key_valid.numel() != B:
         raise ValueError(f"key_valid must be [B] or [B, 1] for the new token, got {tuple(key_valid.shape)}")
+    check_position(cache, B)
+    for f in dataclasses.fields(cache):  # the kernel indexes them with their contiguous strides
+        t = getattr(cache, f.name)
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"cache.{f.name}: the Triton decode step needs contiguous cache tensors (it writes "
+                             "them in place); got strides " + str(t.stride()))
     return lin_window
 
 
@@ -242,7 +248,7 @@ def hybrid_decode_triton(
             phi_k.to(dtype).contiguous(), new_valid, cache.k_win, cache.v_win, cache.valid,
             fkw if fkw is not None else fke, fke, cache.S, cache.z,
             gamma.reshape(H).float().contiguous(), alpha.reshape(H).float().contiguous(), cache.position, y,
-            H, Hkv, cache.window, scale * LOG2E,
+            H, Hkv, cache.window, scale * LOG2E, 0 if cache.position.numel() == 1 else 1,
             W1=W1, BW=block_size(W1, minimum=2), DK=DK, DV=DV, FD=Fd, BDK=block_size(DK, 2),
             BV=min(block_size(DV, 2), 64), BF=block_size(Fd, 2),
             HAS_WIN=mode != "linear_only", HAS_LIN=mode != "swa_only", LIN_WINDOW=lin_window,
@@ -251,11 +257,6 @@ def hybrid_decode_triton(
         )
         if update_cache:
             if W1 > 0:
-                slot = cache.evict_slot()
-                cache.k_win.index_copy_(2, slot, k.to(cache.k_win.dtype))
-                cache.v_win.index_copy_(2, slot, v.to(cache.v_win.dtype))
-                cache.valid.index_copy_(1, slot, new_valid.bool().view(B, 1))
-                if fkw is not None:
-                    fkw.index_copy_(2, slot, phi_k.to(fkw.dtype))
+                cache.write_slot(cache.evict_slot(), k, v, new_valid.bool(), phi_k)
             cache.position.add_(1)
     return y

@@ -6,6 +6,8 @@ prefix. (The state is fp32 by contract, hence the fp32 tolerance.)"""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -85,3 +87,75 @@ def test_fold_into_state_chunks_give_the_same_state():
         fold_into_state(state, phi_k, v, valid, chunk=chunk)
         torch.testing.assert_close(state[0], ref[0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(state[1], ref[1], atol=1e-5, rtol=1e-5)
+
+
+def stacked_per_row_caches(prefills, w, keep_ring, seed=1):
+    """Rows of different lengths (prefills[b] tokens each, as vLLM batches requests): one cache per
+    row (shared position) and their stack with a position per row. Returns the inputs of 3 more
+    tokens per row, the per-row caches and the stacked cache."""
+    B, T = len(prefills), max(prefills) + 3
+    q, k, v, phi_q, phi_k, gamma, alpha, _ = _inputs(B=B, T=T, seed=seed)
+    q, k, v, phi_q, phi_k = (t.float() for t in (q, k, v, phi_q, phi_k))
+    rows = []
+    for b, P in enumerate(prefills):
+        sl = slice(b, b + 1)
+        state = tuple(s.float() for s in linear_state(phi_k[sl].double(), v[sl].double(), end=P - (w - 1)))
+        rows.append(DecodeCache.from_prefill(k[sl, :, :P], v[sl, :, :P], state, w,
+                                             phi_k=phi_k[sl, :, :P] if keep_ring else None))
+    cat = {f: torch.cat([getattr(r, f) for r in rows]) for f in ("k_win", "v_win", "valid", "S", "z")}
+    stacked = DecodeCache(**cat, position=torch.tensor(prefills, dtype=torch.int64),
+                          phi_k_win=torch.cat([r.phi_k_win for r in rows]) if keep_ring else None)
+    return (q, k, v, phi_q, phi_k, gamma.float(), alpha.float()), rows, stacked
+
+
+def _to(cache: DecodeCache, device) -> DecodeCache:
+    return DecodeCache(**{f.name: None if getattr(cache, f.name) is None else getattr(cache, f.name).to(device)
+                          for f in dataclasses.fields(cache)})
+
+
+def check_per_row_positions(step, mode, covers, w, prefills=(0, 3, 7, 20), device="cpu"):
+    """`step` (hybrid_decode_torch or the Triton kernel) on a batch whose rows stand at different
+    positions equals each row stepped alone: outputs, state, ring and positions, for 3 steps."""
+    keep_ring = mode == "linear_only" or (mode == "hybrid" and covers)
+    inputs, rows, stacked = stacked_per_row_caches(prefills, w, keep_ring)
+    (q, k, v, phi_q, phi_k, gamma, alpha) = (t.to(device) for t in inputs)
+    rows, stacked = [_to(r, device) for r in rows], _to(stacked, device)
+    B = len(prefills)
+    kw = dict(scale=0.35, mode=mode, linear_covers_window=covers)
+    for i in range(3):
+        pos = [P + i for P in prefills]
+        take = lambda t: torch.cat([t[b : b + 1, :, p : p + 1] for b, p in enumerate(pos)])  # noqa: E731
+        one = [take(t) for t in (q, k, v, phi_q, phi_k)]
+        evict = None
+        if not keep_ring:  # phi_k of each row's key leaving the window (zeros before there is one)
+            evict = torch.cat([phi_k[b : b + 1, :, p - w + 1 : p - w + 2] if w > 1 and p - w + 1 >= 0
+                               else torch.zeros_like(phi_k[:1, :, :1]) for b, p in enumerate(pos)])
+        y = step(*one, gamma, alpha, stacked, phi_k_evict=evict, **kw)
+        for b in range(B):
+            yb = step(*(t[b : b + 1] for t in one), gamma, alpha, rows[b],
+                      phi_k_evict=None if evict is None else evict[b : b + 1], **kw)
+            torch.testing.assert_close(y[b : b + 1], yb, atol=1e-5, rtol=1e-5, msg=lambda m, b=b: f"row {b}: {m}")
+    for b in range(B):
+        for f in ("S", "z", "k_win", "v_win", "valid") + (("phi_k_win",) if keep_ring else ()):
+            torch.testing.assert_close(getattr(stacked, f)[b : b + 1], getattr(rows[b], f), atol=1e-5, rtol=1e-5,
+                                       msg=lambda m, b=b, f=f: f"row {b} {f}: {m}")
+    assert stacked.position.tolist() == [P + 3 for P in prefills]
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "swa_only", "linear_only"])
+@pytest.mark.parametrize("covers", [False, True])
+@pytest.mark.parametrize("w", [1, 2, 5])
+def test_a_position_per_row_equals_each_row_alone(mode, covers, w):
+    check_per_row_positions(hybrid_decode_torch, mode, covers, w)
+
+
+def test_position_shape_and_sinks_are_checked():
+    (q, k, v, phi_q, phi_k, gamma, alpha), _, stacked = stacked_per_row_caches((2, 4, 5), 3, False)
+    one = [t[:, :, 4:5] for t in (q, k, v, phi_q, phi_k)]
+    kw = dict(scale=0.3, phi_k_evict=phi_k[:, :, :1])
+    stacked.position = torch.tensor([2, 4])
+    with pytest.raises(ValueError, match=r"cache.position: expected an int64 tensor \[1\] or \[3\]"):
+        hybrid_decode_torch(*one, gamma, alpha, stacked, **kw)
+    stacked.position = torch.tensor([2, 4, 5])
+    with pytest.raises(ValueError, match=r"cache.position: softmax sinks need one position shared by the batch"):
+        hybrid_decode_torch(*one, gamma, alpha, stacked, softmax_sinks=2, **kw)

@@ -6,6 +6,7 @@ GPU sizes and bf16 live in test_triton_gpu.py.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -21,6 +22,7 @@ INTERPRETER_UNAVAILABLE = _interpreter.prepare()
 triton = pytest.importorskip("triton")
 
 from hf_hybrid_attn.kernels.reference import hybrid_attention_reference, linear_state  # noqa: E402
+from test_decode_torch import check_per_row_positions  # noqa: E402
 from hf_hybrid_attn.kernels.triton_decode import DecodeCache, hybrid_decode_triton  # noqa: E402
 from hf_hybrid_attn.kernels.triton_hybrid import hybrid_attention_triton  # noqa: E402
 
@@ -338,6 +340,14 @@ def test_decode_mode_switch_mid_stream_keeps_the_cache_valid():
         assert rel_err(y[:, :, i], want) < RTOL, (i, mode)
 
 
+@pytest.mark.parametrize("mode,covers", [("hybrid", False), ("hybrid", True), ("swa_only", False),
+                                         ("linear_only", False)])
+@pytest.mark.parametrize("w", [1, 5])
+def test_decode_a_position_per_row_equals_each_row_alone(mode, covers, w):
+    """Rows at different positions (vLLM's decode batch): the kernel evicts and writes each row's own slot."""
+    check_per_row_positions(hybrid_decode_triton, mode, covers, w, device=DEVICE)
+
+
 def test_decode_input_errors():
     x, _, _ = make_inputs(Tq=4)
     x = {n: t.to(DEVICE) for n, t in x.items()}
@@ -350,6 +360,12 @@ def test_decode_input_errors():
         hybrid_decode_triton(**step, **kw, mode="linear_only")
     with pytest.raises(ValueError, match="one new token"):
         hybrid_decode_triton(**{**step, "q": x["q"][:, :, :2]}, **kw, phi_k_evict=step["phi_k"])
+    with pytest.raises(ValueError, match=r"cache.position: expected an int64 tensor \[1\] or \[2\]"):
+        hybrid_decode_triton(**step, **{**kw, "cache": dataclasses.replace(cache, position=cache.position.repeat(3))},
+                             phi_k_evict=step["phi_k"])
+    strided = dataclasses.replace(cache, k_win=torch.zeros(2, 2, 9, D, device=DEVICE)[:, :, :7])
+    with pytest.raises(ValueError, match="cache.k_win: the Triton decode step needs contiguous cache tensors"):
+        hybrid_decode_triton(**step, **{**kw, "cache": strided}, phi_k_evict=step["phi_k"])
 
 
 def test_benchmark_script_smoke(tmp_path):

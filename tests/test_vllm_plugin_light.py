@@ -95,3 +95,66 @@ def test_state_shapes_are_fixed_and_small():
     per_layer = sum(torch.Size(s).numel() * torch.empty((), dtype=d).element_size() for s, d in zip(shapes, dtypes))
     assert per_layer * 30 == 12_072_960
     assert per_layer * 30 * 10 <= 46_080 * 32_768  # < 1/10 of the teacher's KV cache at 32k tokens
+
+
+# -- the decode batch on the state rows (no vLLM needed: the layer is driven as forward() drives it) ---
+def _state_layer(window, slots, rows, H=4, Hkv=2, D=8):
+    from types import SimpleNamespace
+
+    from hf_hybrid_attn.layers import HybridMixer
+
+    torch.manual_seed(0)
+    mixer = HybridMixer(HybridConfig(window=window, feature_dim=4), H, Hkv, D, None)
+    with torch.no_grad():
+        for p in mixer.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    vcfg = SimpleNamespace(model_config=SimpleNamespace(dtype=torch.float32),
+                           compilation_config=SimpleNamespace(static_forward_context={}))
+    layer = plugin.HybridStateLayer(mixer, num_kv_heads=Hkv, head_dim=D, scaling=D ** -0.5, slots=slots,
+                                    prefix="model.layers.0.self_attn.attn", vllm_config=vcfg)
+    # rows hold garbage from earlier requests: the layer must overwrite, never read, a new request's rows
+    layer.kv_cache = tuple(torch.randn(rows, *s, dtype=d).abs()
+                           for s, d in zip(layer.get_state_shape(), layer.get_state_dtype()))
+    return layer
+
+
+@pytest.mark.parametrize("order", ["consecutive", "gapped"])
+@pytest.mark.parametrize("window,slots", [(5, 4), (5, 7), (2, 1)])
+def test_decode_batch_equals_the_uncached_forward(order, window, slots):
+    """After a chunked prefill, one decode step for requests of prompt lengths 1 (a one-token prompt: a fresh request), < w-1,
+    = w-1, = w and >= 4w, batched on their state rows (consecutive rows: in place through views;
+    gapped rows: copies written back; a ring narrower than the allocated slots, as a layer with a
+    smaller window than the model's largest has) equals the uncached forward over prompt + token."""
+    from hf_hybrid_attn.kernels.dispatch import resolve_backend
+
+    lens = [1, 3, window - 1, window, 4 * window + 3]
+    rows = [2, 3, 4, 5, 6] if order == "consecutive" else [6, 0, 4, 2, 5]
+    layer = _state_layer(window, slots, rows=8)
+    mixer, H, Hkv, D = layer.mixer, layer.num_heads, layer.num_kv_heads, layer.head_dim
+    assert resolve_backend(mixer.backend, torch.device("cpu")) != "reference"
+    g = torch.Generator().manual_seed(1)
+    seqs = [(torch.randn(1, H, n, D, generator=g), torch.randn(1, Hkv, n, D, generator=g),
+             torch.randn(1, Hkv, n, D, generator=g)) for n in lens]
+    with torch.no_grad():
+        for (q, k, v), n, r in zip(seqs, lens, rows):  # the prompts less their last token, in two chunks
+            for a, b in ((0, (n - 1) // 2), ((n - 1) // 2, n - 1)):
+                if b > a:
+                    st = plugin._RequestState(layer, r, a, b - a)
+                    mixer(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], torch.ones(1, b - a, dtype=torch.bool), layer.scaling,
+                          cache_layer=st)
+        batch = plugin._DecodeBatch(layer, rows, lens, "cpu")
+        assert batch.inplace == (order == "consecutive")
+        qb, kb, vb = (torch.cat([s[i][:, :, -1:] for s in seqs]) for i in range(3))
+        y = mixer(qb, kb, vb, torch.ones(len(rows), 1, dtype=torch.bool), layer.scaling, cache_layer=batch)
+        for i, ((q, k, v), n) in enumerate(zip(seqs, lens)):
+            ref = mixer(q, k, v, torch.ones(1, n, dtype=torch.bool), layer.scaling)
+            torch.testing.assert_close(y[i, :, 0], ref[0, :, -1], rtol=1e-5, atol=1e-5)
+        # the rows now hold each request's state after its whole sequence: a second step from them is exact too
+        seqs = [tuple(torch.cat([t, torch.randn(t.shape[:2] + (1, D), generator=g)], 2) for t in s) for s in seqs]
+        lens2 = [n + 1 for n in lens]
+        batch = plugin._DecodeBatch(layer, rows, lens2, "cpu")
+        qb, kb, vb = (torch.cat([s[i][:, :, -1:] for s in seqs]) for i in range(3))
+        y = mixer(qb, kb, vb, torch.ones(len(rows), 1, dtype=torch.bool), layer.scaling, cache_layer=batch)
+        for i, ((q, k, v), n) in enumerate(zip(seqs, lens2)):
+            ref = mixer(q, k, v, torch.ones(1, n, dtype=torch.bool), layer.scaling)
+            torch.testing.assert_close(y[i, :, 0], ref[0, :, -1], rtol=1e-5, atol=1e-5)

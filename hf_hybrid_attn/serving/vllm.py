@@ -196,7 +196,7 @@ class _RequestState:
         return False
 
     def window_tokens(self):
-        ctx, W1 = self.context, self.layer.slots
+        ctx, W1 = self.context, self.layer.ring_len
         n = min(ctx, W1)
         if n == 0:
             return None
@@ -229,7 +229,7 @@ class _RequestState:
     def advance(self, k, v, phi_k, key_valid, window, num_sinks, inplace=True, state=None) -> None:
         L, slot, ctx, new = self.layer, self.slot, self.context, self.new
         S, z, kr, vr, sk, sv = L.kv_cache
-        Tk, end, W1 = k.shape[2], ctx + new, L.slots
+        Tk, end, W1 = k.shape[2], ctx + new, L.ring_len
         keep = min(W1, Tk)
         fold = Tk - keep
         if state is None:
@@ -259,29 +259,36 @@ class _RequestState:
 
 
 class _DecodeBatch:
-    """The decode tokens of one step (one new token per request, at per-request positions) as a
-    ring cache for `HybridMixer`'s decode step. Each request's ring is gathered oldest first into
-    slots 0..w-2, so that a shared ring position of 0 makes slot 0 (the oldest key, position T-w+1)
-    the one that leaves the window; after the step the state and the new key go back to the
-    request's own rows (slot T % (w-1))."""
+    """The decode tokens of one step (one new token per request, each at its own position) as a
+    ring cache for `HybridMixer`'s decode step. The requests' rows are used as they lie: the ring
+    keeps each request's slot order (position p in slot p % (w-1)) and the cache carries one position
+    per row, so that the step evicts and writes each row's own slot. When the requests' state rows
+    are consecutive (as vLLM usually hands them out) the step reads and updates them in place
+    through views; otherwise it works on copies of the rows, written back after the step."""
 
-    def __init__(self, layer: HybridStateLayer, slots: torch.Tensor, positions: torch.Tensor):
-        self.layer, self.slots, self.positions = layer, slots, positions  # positions: of the new tokens
+    def __init__(self, layer: HybridStateLayer, slots: list[int], seq_lens: list[int], device):
+        self.layer = layer
         S, z, kr, vr, _, _ = layer.kv_cache
-        W1 = layer.window - 1
-        B = slots.shape[0]
-        fresh = positions == 0  # a one-token prompt: a new request, whose rows hold an earlier one's state
-        if bool(fresh.any()):
+        W1, B = layer.ring_len, len(slots)
+        self.positions = torch.tensor(seq_lens, dtype=torch.int64, device=device) - 1  # of the new tokens
+        fresh = [r for r, n in zip(slots, seq_lens) if n == 1]  # one-token prompts: rows of an earlier request
+        if fresh:
             for t in layer.kv_cache:
-                t[slots[fresh]] = 0
-        pos = positions[:, None] - W1 + torch.arange(W1, device=kr.device)[None]  # [B, W1]
-        src = pos.remainder(max(W1, 1))
-        gk = src[:, None, :, None].expand(B, kr.shape[1], W1, kr.shape[-1])
-        gv = src[:, None, :, None].expand(B, vr.shape[1], W1, vr.shape[-1])
-        self.ring = DecodeCache(
-            k_win=kr.index_select(0, slots).gather(2, gk), v_win=vr.index_select(0, slots).gather(2, gv),
-            valid=pos >= 0, S=S.index_select(0, slots), z=z.index_select(0, slots),
-            position=torch.zeros(1, dtype=torch.int64, device=kr.device))
+                t[fresh] = 0
+        # a ring narrower than the allocated slots is a strided view: the Triton step needs it contiguous
+        views_ok = W1 in (0, layer.slots) or resolve_backend(layer.mixer.backend, torch.device(device)) != "triton"
+        self.inplace = views_ok and slots == list(range(slots[0], slots[0] + B))
+        self.slots = torch.tensor(slots, dtype=torch.int64, device=device)
+        if self.inplace:
+            rows = [t.narrow(0, slots[0], B) for t in (S, z, kr, vr)]
+            rows[2:] = [t.narrow(2, 0, W1) for t in rows[2:]]
+        else:
+            rows = [t.index_select(0, self.slots) for t in (S, z, kr, vr)]
+            rows[2:] = [t[:, :, :W1].contiguous() for t in rows[2:]]
+        # slot j holds a key iff some position < T maps to it: j < T (every slot once T >= w-1)
+        valid = torch.arange(W1, device=device)[None] < self.positions[:, None]
+        self.ring = DecodeCache(k_win=rows[2], v_win=rows[3], valid=valid, S=rows[0], z=rows[1],
+                                position=self.positions.clone())
 
     def ensure_ring(self, *args, **kwargs) -> bool:
         return True
@@ -293,13 +300,13 @@ class _DecodeBatch:
     def after_decode(self, k, v, key_valid, num_sinks) -> None:
         L = self.layer
         S, z, kr, vr, sk, sv = L.kv_cache
-        S.index_copy_(0, self.slots, self.ring.S)
-        z.index_copy_(0, self.slots, self.ring.z)
-        rows = torch.arange(self.slots.shape[0], device=kr.device)
-        if L.window > 1:
-            dst = self.positions % (L.window - 1)
-            kr[self.slots, :, dst] = k[rows, :, 0].to(kr.dtype)
-            vr[self.slots, :, dst] = v[rows, :, 0].to(vr.dtype)
+        if not self.inplace:  # the step updated copies of the rows: the state and the new key go back
+            S.index_copy_(0, self.slots, self.ring.S)
+            z.index_copy_(0, self.slots, self.ring.z)
+            if L.ring_len:
+                dst = self.positions % L.ring_len
+                kr[self.slots, :, dst] = k[:, :, 0].to(kr.dtype)
+                vr[self.slots, :, dst] = v[:, :, 0].to(vr.dtype)
         early = self.positions < L.num_sinks
         if bool(early.any()):
             sel = early.nonzero()[:, 0]
@@ -342,6 +349,12 @@ class HybridStateLayer(nn.Module):
     @property
     def window(self) -> int:
         return self.mixer.window
+
+    @property
+    def ring_len(self) -> int:
+        """Ring slots this layer uses (w - 1; position p in slot p % (w-1)); the state rows allocate
+        `slots` (the largest w - 1 over the converted layers), the rest stay unused."""
+        return self.mixer.window - 1
 
     # -- vLLM's state-layer interface (MambaBase) ---------------------------------------------------
     @staticmethod
@@ -391,8 +404,7 @@ class HybridStateLayer(nn.Module):
         with torch.no_grad():
             if batched:  # the decode tokens of this step: one batch on the ring
                 s, e = qsl[0], qsl[nd]
-                positions = torch.tensor(seq_lens[:nd], device=q.device) - 1
-                batch = _DecodeBatch(self, slots[:nd].long(), positions)
+                batch = _DecodeBatch(self, slots[:nd].tolist(), seq_lens[:nd], q.device)
                 qb = q3[s:e][:, :, None]  # [B, H, 1, D]
                 kb, vb = k3[s:e][:, :, None], v3[s:e][:, :, None]
                 valid = torch.ones(nd, 1, dtype=torch.bool, device=q.device)
