@@ -124,8 +124,7 @@ def check_per_row_positions(step, mode, covers, w, prefills=(0, 3, 7, 20), devic
     kw = dict(scale=0.35, mode=mode, linear_covers_window=covers)
     for i in range(3):
         pos = [P + i for P in prefills]
-        take = lambda t: torch.cat([t[b : b + 1, :, p : p + 1] for b, p in enumerate(pos)])  # noqa: E731
-        one = [take(t) for t in (q, k, v, phi_q, phi_k)]
+        one = [torch.cat([t[b : b + 1, :, p : p + 1] for b, p in enumerate(pos)]) for t in (q, k, v, phi_q, phi_k)]
         evict = None
         if not keep_ring:  # phi_k of each row's key leaving the window (zeros before there is one)
             evict = torch.cat([phi_k[b : b + 1, :, p - w + 1 : p - w + 2] if w > 1 and p - w + 1 >= 0

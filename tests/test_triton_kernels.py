@@ -21,8 +21,9 @@ INTERPRETER_UNAVAILABLE = _interpreter.prepare()
 
 triton = pytest.importorskip("triton")
 
-from hf_hybrid_attn.kernels.reference import hybrid_attention_reference, linear_state  # noqa: E402
 from test_decode_torch import check_per_row_positions  # noqa: E402
+
+from hf_hybrid_attn.kernels.reference import hybrid_attention_reference, linear_state  # noqa: E402
 from hf_hybrid_attn.kernels.triton_decode import DecodeCache, hybrid_decode_triton  # noqa: E402
 from hf_hybrid_attn.kernels.triton_hybrid import hybrid_attention_triton  # noqa: E402
 
