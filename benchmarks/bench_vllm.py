@@ -98,7 +98,7 @@ def run_one(model: str, contexts: list[int], requests: int, new_tokens: int, out
         def fresh(ctx=ctx):  # new random prompts for every timed call: nothing reusable across calls
             return [[rng.randrange(vocab) for _ in range(ctx)] for _ in range(requests)]
 
-        timed(fresh(), 1)  # warm-up at this length (allocations, chunk shapes)
+        timed(fresh()[:1], 1)  # warm-up at this length (one request: the same 2048-token chunk shapes)
         t1 = timed(fresh(), 1)
         tn = timed(fresh(), new_tokens)
         cache = state_per_seq * requests if state_per_seq is not None else kv_per_token * (ctx + new_tokens) * requests
@@ -127,8 +127,11 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--kv-space-gib", type=int, default=4, help="VLLM_CPU_KVCACHE_SPACE for each engine (CPU)")
     p.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results"))
+    p.add_argument("--suffix", default="", help="appended to the results' file name, e.g. _11k for an extra point")
     p.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if not all(c.isalnum() or c in "_-." for c in a.suffix):
+        p.error(f"--suffix: expected letters, digits, '_', '-' or '.', got {a.suffix!r}")
     import torch
 
     cuda = torch.cuda.is_available()
@@ -173,7 +176,7 @@ def main(argv=None) -> int:
            "new_tokens": a.new_tokens, "models": {k: os.path.basename(v["model"]) for k, v in results.items()},
            "kv_space_gib": None if cuda else a.kv_space_gib,
            "teacher": results["teacher"], "hybrid": results["hybrid"]}
-    stem = os.path.join(a.out_dir, f"vllm_{slug(machine)}")
+    stem = os.path.join(a.out_dir, f"vllm_{slug(machine)}{a.suffix}")
     with open(stem + ".json", "w") as f:
         json.dump(res, f, indent=2)
     with open(stem + ".md", "w") as f:
