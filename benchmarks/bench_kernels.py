@@ -466,7 +466,7 @@ def compile_check(args, dtypes=("bf16", "fp32")):
         spill = re.findall(r"(\d+) bytes spill stores", out.stderr)
         return (int(regs[0]) if regs else None), (int(spill[0]) if spill else 0)
 
-    scalars = dict(Tq="i32", Tk="i32", H="i32", HKV="i32", window="i32", shift="i32", state_end="i32",
+    scalars = dict(Tq="i32", Tk="i32", H="i32", HKV="i32", window="i32", shift="i32", state_end="i32", POS_STRIDE="i32",
                    qk_scale="fp32", scale="fp32")
     for dt in dtypes:
         p = "*" + dt
