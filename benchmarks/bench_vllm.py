@@ -10,8 +10,9 @@ vLLM engine, fp32, eager, chunked prefill), contexts in turn; per context the re
 together twice, each time with fresh random prompts and prefix caching off in both engines (a
 recurrent state cannot be prefix-cached, and the teacher must not reuse KV across the timed calls):
 with 1 new token (prefill) and with --new-tokens (prefill + decode). Reported:
-generated tokens/s end to end, decode tokens/s ((N-1) tokens per request over the time beyond the
-prefill), prefill tokens/s, the cache the batch needs as vLLM sizes it (teacher: paged KV for
+generated tokens/s end to end, decode tokens/s and ms per engine step (the prefill + decode call is
+driven step by step through the engine: the tokens generated after every request has its first
+token, over the time that took), prefill tokens/s, the cache the batch needs as vLLM sizes it (teacher: paged KV for
 context + new tokens; hybrid: its fixed state), and the process's peak RSS.
 Writes benchmarks/results/vllm_<machine>.json and .md. The CPU time other processes used during the
 run (the machine's busy time less this benchmark's own engines', from /proc/stat and rusage) is
@@ -26,6 +27,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -92,6 +94,34 @@ def run_one(model: str, contexts: list[int], requests: int, new_tokens: int, out
         assert all(len(o.outputs[0].token_ids) == n for o in outs)
         return dt
 
+    ids = iter(range(1 << 30))
+
+    def stepped(prompts, n):
+        """The same generation driven step by step through the engine: (total s, s until every request
+        has its first token, decode tokens/s and median ms per step after that point)."""
+        eng = llm.llm_engine
+        sp = SamplingParams(temperature=0, max_tokens=n, min_tokens=n, ignore_eos=True, detokenize=False)
+        for p in prompts:
+            eng.add_request(f"bench-{next(ids)}", {"prompt_token_ids": p}, sp)
+        counts, first_all, steps, t0 = {}, None, [], time.perf_counter()
+        while eng.has_unfinished_requests():
+            ts = time.perf_counter()
+            outs = eng.step()
+            te = time.perf_counter()
+            before = sum(counts.values())
+            for o in outs:
+                counts[o.request_id] = len(o.outputs[0].token_ids)
+            if first_all is None:
+                if len(counts) == len(prompts) and min(counts.values()) >= 1:
+                    first_all, decoded_at_first = te, sum(counts.values())
+            elif sum(counts.values()) > before:
+                steps.append(te - ts)
+        total = time.perf_counter() - t0
+        assert len(counts) == len(prompts) and all(c == n for c in counts.values()), counts
+        decoded = sum(counts.values()) - decoded_at_first
+        tps = decoded / (t0 + total - first_all) if decoded and total > first_all - t0 else None
+        return total, first_all - t0, tps, (statistics.median(steps) * 1000 if steps else None)
+
     rows = []
     timed([[rng.randrange(vocab) for _ in range(64)] for _ in range(requests)], 4)  # warm-up
     for ctx in contexts:
@@ -100,13 +130,16 @@ def run_one(model: str, contexts: list[int], requests: int, new_tokens: int, out
 
         timed(fresh()[:1], 1)  # warm-up at this length (one request: the same 2048-token chunk shapes)
         t1 = timed(fresh(), 1)
-        tn = timed(fresh(), new_tokens)
+        tn, first_all, decode_tps, step_ms = stepped(fresh(), new_tokens)
         cache = state_per_seq * requests if state_per_seq is not None else kv_per_token * (ctx + new_tokens) * requests
         rows.append({
             "context": ctx, "requests": requests, "new_tokens": new_tokens,
             "prefill_s": round(t1, 3), "total_s": round(tn, 3),
             "generated_tok_per_s": round(requests * new_tokens / tn, 2),
-            "decode_tok_per_s": round(requests * (new_tokens - 1) / (tn - t1), 2) if tn > t1 else None,
+            # decode: the steps after every request has its first token (prefills done), timed one by one
+            "all_first_tokens_s": round(first_all, 3),
+            "decode_tok_per_s": round(decode_tps, 2) if decode_tps else None,
+            "decode_ms_per_step": round(step_ms, 2) if step_ms else None,
             "prefill_tok_per_s": round(requests * ctx / t1, 1),
             "cache_bytes_batch": int(cache),
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -232,18 +265,19 @@ def render(res: dict) -> str:
                      f"so the same space holds {int(space // h['state_bytes_per_seq'])} hybrid sequences of any length")
     lines += [
         "",
-        "| context | model | generated tok/s | decode tok/s | prefill tok/s | prefill s | total s | cache for the batch (MiB) | peak RSS (MiB) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| context | model | generated tok/s | decode tok/s | decode ms/step | prefill tok/s | prefill s | total s "
+        "| cache for the batch (MiB) | peak RSS (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for rt, rh in zip(t["rows"], h["rows"]):
         for name, r in (("teacher", rt), ("hybrid", rh)):
             lines.append(f"| {r['context']} | {name} | {r['generated_tok_per_s']} | {r['decode_tok_per_s']} | "
-                         f"{r['prefill_tok_per_s']} | {r['prefill_s']} | {r['total_s']} | "
+                         f"{r.get('decode_ms_per_step', '–')} | {r['prefill_tok_per_s']} | {r['prefill_s']} | {r['total_s']} | "
                          f"{r['cache_bytes_batch'] / 2**20:.1f} | {r['peak_rss_mib']} |")
         ratio = rh["generated_tok_per_s"] / rt["generated_tok_per_s"]
         dratio = (f"{rh['decode_tok_per_s'] / rt['decode_tok_per_s']:.2f}x"
                   if rh["decode_tok_per_s"] and rt["decode_tok_per_s"] else "n/a (noise)")
-        lines.append(f"| {rt['context']} | **hybrid / teacher** | **{ratio:.2f}x** | **{dratio}** | "
+        lines.append(f"| {rt['context']} | **hybrid / teacher** | **{ratio:.2f}x** | **{dratio}** | | "
                      f"{rh['prefill_tok_per_s'] / rt['prefill_tok_per_s']:.2f}x | | | | |")
     lines.append("")
     return "\n".join(lines)
