@@ -86,8 +86,11 @@ def run_one(model: str, contexts: list[int], requests: int, new_tokens: int, out
     kv_per_token = 2 * hf.num_key_value_heads * (getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads) \
         * 4 * hf.num_hidden_layers
 
+    def greedy(n):  # exactly n new tokens per request
+        return SamplingParams(temperature=0, max_tokens=n, min_tokens=n, ignore_eos=True, detokenize=False)
+
     def timed(prompts, n):
-        sp = SamplingParams(temperature=0, max_tokens=n, min_tokens=n, ignore_eos=True, detokenize=False)
+        sp = greedy(n)
         t = time.perf_counter()
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
         dt = time.perf_counter() - t
@@ -100,7 +103,7 @@ def run_one(model: str, contexts: list[int], requests: int, new_tokens: int, out
         """The same generation driven step by step through the engine: (total s, s until every request
         has its first token, decode tokens/s and median ms per step after that point)."""
         eng = llm.llm_engine
-        sp = SamplingParams(temperature=0, max_tokens=n, min_tokens=n, ignore_eos=True, detokenize=False)
+        sp = greedy(n)
         for p in prompts:
             eng.add_request(f"bench-{next(ids)}", {"prompt_token_ids": p}, sp)
         counts, first_all, steps, t0 = {}, None, [], time.perf_counter()
