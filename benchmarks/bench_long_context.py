@@ -492,6 +492,11 @@ def render_md(res: dict) -> str:
         f"{format(s['memory_limit_bytes'] / 1e9, '.1f') + ' GB' if s.get('memory_limit_bytes') else 'none'}",
         f"- gate: {gate_txt} ({gate.get('what', '')}{', run ' + str(gate['run']) if 'run' in gate else ''})",
     ]
+    if len(res.get("runs", [])) > 1:  # a resumed file: say which run measured what (date and git above: the last)
+        for r in res["runs"]:
+            n = sum(p.get("run") == r["run"] for p in res["points"])
+            lines.append(f"- run {r['run']}: started {r['started']}, git {r.get('git_commit') or 'unknown'}, "
+                         f"transformers {r.get('transformers') or '–'}, `{' '.join(r['argv'])}`: {n} point(s)")
     if res.get("interrupted"):
         lines.append(f"- **interrupted**: {res['interrupted']}")
     by = {key_of(p): p for p in res["points"]}
@@ -576,7 +581,8 @@ def main(argv=None) -> int:
     stem = f"long_context_{device.type}_{bg.slug(machine)}"
     js_path = out / f"{stem}.json"
     run = {"started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "argv": sys.argv[1:] if argv is None else list(argv)}
+           "argv": sys.argv[1:] if argv is None else list(argv), "git_commit": git_commit(),
+           "torch": torch.__version__, "transformers": transformers.__version__}
     res = None
     if args.resume and js_path.exists():
         res = json.loads(js_path.read_text())

@@ -211,6 +211,7 @@ def main(argv=None) -> int:
            "dtype": "float32", "enforce_eager": True, "contexts": contexts, "requests": requests,
            "new_tokens": a.new_tokens, "models": {k: os.path.basename(v["model"]) for k, v in results.items()},
            "kv_space_gib": None if cuda else a.kv_space_gib,
+           "teacher_max_position_embeddings": _max_positions(a.teacher),
            "teacher": results["teacher"], "hybrid": results["hybrid"]}
     stem = os.path.join(a.out_dir, f"vllm_{slug(machine)}{a.suffix}")
     with open(stem + ".json", "w") as f:
@@ -219,6 +220,34 @@ def main(argv=None) -> int:
         f.write(render(res))
     print(render(res))
     return 0
+
+
+def _max_positions(checkpoint: str) -> int | None:
+    """max_position_embeddings of a checkpoint's config.json (None if it has none): vLLM refuses a
+    max_model_len above it unless VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 is set."""
+    with open(os.path.join(checkpoint, "config.json")) as f:
+        cfg = json.load(f)
+    return cfg.get("max_position_embeddings", cfg.get("text_config", {}).get("max_position_embeddings"))
+
+
+def _where_teacher_stops(res: dict) -> str:
+    """The largest context the teacher serves with these settings: the smaller of what its paged KV
+    cache holds for `requests` sequences and its position limit (each minus the new tokens)."""
+    t, h, n, new = res["teacher"], res["hybrid"], res["requests"], res["new_tokens"]
+    space = res["kv_space_gib"] * 2**30
+    kv_fit = int(space // (n * t["kv_bytes_per_token"])) - new
+    limits = [(kv_fit, f"its paged KV cache in {res['kv_space_gib']} GiB (VLLM_CPU_KVCACHE_SPACE) holds {kv_fit} "
+                       f"tokens each for {n} concurrent requests, as vLLM sizes it")]
+    max_pos = res.get("teacher_max_position_embeddings")
+    if max_pos:
+        limits.append((max_pos - new, f"its max_position_embeddings is {max_pos} (vLLM refuses a longer "
+                                      "max_model_len unless VLLM_ALLOW_LONG_MAX_MODEL_LEN=1)"))
+    stop, why = min(limits)
+    other = "; ".join(w for c, w in limits if w != why)
+    return (f"- where the teacher stops: contexts up to {stop} tokens each (+{new} new), because {why}"
+            + (f"; the other limit: {other}" if other else "") + f". The hybrid's {n} states take "
+            f"{n * h['state_bytes_per_seq'] / 2**20:.0f} MiB at any context, so the same KV space holds "
+            f"{int(space // h['state_bytes_per_seq'])} hybrid sequences of any length")
 
 
 def _busy_cpu_s() -> float | None:
@@ -259,13 +288,7 @@ def render(res: dict) -> str:
         f"{t['kv_bytes_per_token'] * 32768 / h['state_bytes_per_seq']:.0f}x the hybrid's)",
     ]
     if res.get("kv_space_gib"):
-        space = res["kv_space_gib"] * 2**30
-        fit = int(space // (res["requests"] * t["kv_bytes_per_token"])) - res["new_tokens"]
-        lines.append(f"- where the teacher stops: with {res['kv_space_gib']} GiB of KV space "
-                     f"(VLLM_CPU_KVCACHE_SPACE) and {res['requests']} concurrent requests, its paged KV cache holds "
-                     f"contexts up to {fit} tokens each (+{res['new_tokens']} new), as vLLM sizes it; the hybrid's "
-                     f"{res['requests']} states take {res['requests'] * h['state_bytes_per_seq'] / 2**20:.0f} MiB at any context, "
-                     f"so the same space holds {int(space // h['state_bytes_per_seq'])} hybrid sequences of any length")
+        lines.append(_where_teacher_stops(res))
     lines += [
         "",
         "| context | model | generated tok/s | decode tok/s | decode ms/step | prefill tok/s | prefill s | total s "

@@ -119,6 +119,9 @@ def test_markdown_report(runs):
     md = runs["second_md"]
     assert md.startswith("# Long context: SmolLM2-135M-Instruct")
     assert "gate: passed" in md and "untrained" in md and "RoPE extrapolates" in md
+    n1 = sum(p["status"] == "ok" for p in runs["first"]["points"])  # a resumed file names what each run measured
+    for r, n in ((1, n1), (2, len(GRID) - n1)):
+        assert re.search(rf"- run {r}: started [^,]+, git [0-9a-f]+, transformers [0-9.]+.*`--smoke .*`: {n} point\(s\)", md), md
     for B in (1, 2):
         section = md.split(f"## B = {B}\n")[1].split("\n## ")[0]
         rows = [ln for ln in section.splitlines() if ln.startswith("| 96 ") or ln.startswith("| 160 ")]
