@@ -50,6 +50,7 @@ run either.
     python3 benchmarks/bench_long_context.py                       # B 1, 4; T 1k..64k; 256 decode steps
     python3 benchmarks/bench_long_context.py --smoke --out /tmp/lc # tiny sizes (CI)
     python3 benchmarks/bench_long_context.py --resume              # continue an interrupted run
+    python3 benchmarks/bench_long_context.py --prefill-chunk 2048  # generate(prefill_chunk_size=2048)
 
 Results go to benchmarks/results/long_context_<device>_<machine>.json and .md, rewritten after every
 point (an interrupted run keeps what it measured); --resume skips the points already measured there.
@@ -209,12 +210,15 @@ def padded_prompts(tok, batch: int, context: int, pad: int, device) -> tuple[tor
     return ids.to(device), mask.to(device)
 
 
-def generate_clocked(model, ids, mask, new_tokens: int, clock, pad_id: int):
+def generate_clocked(model, ids, mask, new_tokens: int, clock, pad_id: int, prefill_chunk: int | None = None):
+    """generate() with the step clock; prefill_chunk: transformers' chunked prefill (the prompt goes
+    through the model that many tokens at a time), None: one prefill forward."""
     from transformers import LogitsProcessorList
 
+    chunk = {} if prefill_chunk is None else {"prefill_chunk_size": prefill_chunk}
     out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                          do_sample=False, return_dict_in_generate=True, pad_token_id=pad_id,
-                         logits_processor=LogitsProcessorList([clock]))
+                         logits_processor=LogitsProcessorList([clock]), **chunk)
     if len(clock.stamps) != new_tokens:
         raise RuntimeError(f"expected {new_tokens} generate steps, the clock saw {len(clock.stamps)}")
     return out
@@ -238,17 +242,21 @@ def load(spec: dict):
 
 
 @torch.no_grad()
-def run_gate(model, tok, device) -> dict:
-    """The hybrid's cached greedy generation == the argmax of its uncached forward (left-padded batch)."""
+def run_gate(model, tok, device, prefill_chunk: int | None = None) -> dict:
+    """The hybrid's cached greedy generation == the argmax of its uncached forward (left-padded batch).
+    With chunked prefill the gate prefills in chunks too, of at most a third of its prompt, so the
+    chunks meet the padding and the window."""
     ids, mask = padded_prompts(tok, GATE["batch"], GATE["context"], GATE["pad"], device)
     clock = bg.StepClock(device)
-    seq = generate_clocked(model, ids, mask, GATE["new_tokens"], clock, tok.pad_token_id).sequences
+    chunk = None if prefill_chunk is None else min(prefill_chunk, GATE["context"] // 3)
+    seq = generate_clocked(model, ids, mask, GATE["new_tokens"], clock, tok.pad_token_id, chunk).sequences
     full = torch.cat([mask, torch.ones_like(seq[:, ids.shape[1]:])], dim=1)
     logits = model(seq, attention_mask=full, position_ids=(full.cumsum(1) - 1).clamp(min=0), use_cache=False).logits
     pred = logits[:, ids.shape[1] - 1 : -1].argmax(-1)
     return {"passed": bool(torch.equal(pred, seq[:, ids.shape[1]:])),
             "what": (f"greedy generate (HybridCache) == argmax of the uncached forward, B={GATE['batch']} "
-                     f"(row 1 left-padded by {GATE['pad']}), T={GATE['context']}, {GATE['new_tokens']} tokens")}
+                     f"(row 1 left-padded by {GATE['pad']}), T={GATE['context']}, {GATE['new_tokens']} tokens"
+                     + ("" if chunk is None else f", prefill in chunks of {chunk}"))}
 
 
 @torch.no_grad()
@@ -261,7 +269,7 @@ def measure_point(model, tok, spec: dict) -> dict:
     # warm-up, padded like the point: first calls pay for allocations, kernel compiles and autotuning
     warm = min(spec["context"], 2 * GATE["context"])
     w_ids, w_mask = padded_prompts(tok, spec["batch"], warm, min(spec["pad"], warm // 2), device)
-    generate_clocked(model, w_ids, w_mask, 2, bg.StepClock(device), tok.pad_token_id)
+    generate_clocked(model, w_ids, w_mask, 2, bg.StepClock(device), tok.pad_token_id, spec.get("prefill_chunk"))
     runs = []
     t_work = time.perf_counter()
     for _ in range(spec["repeats"]):
@@ -272,7 +280,7 @@ def measure_point(model, tok, spec: dict) -> dict:
         clock = MemoryStepClock(device, probe, steps)
         bg.sync(device)
         t0 = time.perf_counter()
-        out = generate_clocked(model, ids, mask, steps + 1, clock, tok.pad_token_id)
+        out = generate_clocked(model, ids, mask, steps + 1, clock, tok.pad_token_id, spec.get("prefill_chunk"))
         m = clock.mem
         runs.append({"prefill_s": clock.prefill_s(t0), "ms_per_step": 1000 * statistics.median(clock.step_s()),
                      "resident_bytes": base,
@@ -303,7 +311,7 @@ def worker_compute(spec: dict) -> dict:
         model, tok, native = load(spec)
         load_s = time.perf_counter() - t_start
         if spec["kind"] == "gate":
-            rec = run_gate(model, tok, torch.device(spec["device"]))
+            rec = run_gate(model, tok, torch.device(spec["device"]), spec.get("prefill_chunk"))
         else:
             rec = measure_point(model, tok, spec)
         rec.update(load_s=round(load_s, 3), native_positions=native,
@@ -484,6 +492,9 @@ def render_md(res: dict) -> str:
         f"- B rows of T tokens, rows 1..B-1 left-padded by {s['pad']}; {s['decode_steps']} greedy decode steps in one "
         f"`generate()` call; medians over the steps and over {s['repeats']} repeat(s); prompts: held-out State of "
         "the Union speeches",
+        "- prefill: " + ("one forward over the whole prompt" if not s.get("prefill_chunk") else
+                         f"`generate(prefill_chunk_size={s['prefill_chunk']})`: the prompt goes through the model "
+                         f"{s['prefill_chunk']} tokens at a time (transformers' chunked prefill), for both models"),
         f"- positions: the teacher has {pos.get('native', '–')}; both models get max_position_embeddings = T + N + 1 "
         f"where that is more (largest set: {pos.get('largest_set', '–')}): RoPE extrapolates beyond "
         f"{pos.get('native', '–')} (fine for speed and memory; outputs there are not judged)",
@@ -547,6 +558,9 @@ def main(argv=None) -> int:
                     help="default: bfloat16 on CUDA, float32 on CPU")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--num-layers", type=int, default=None, help="keep the first N layers (smoke tests only)")
+    ap.add_argument("--prefill-chunk", type=int, default=None,
+                    help="generate(prefill_chunk_size=N): transformers' chunked prefill, the prompt N tokens at a "
+                         "time (results file suffix _prefillN); default: one prefill forward")
     ap.add_argument("--smoke", action="store_true",
                     help=f"tiny sizes for CI: {SMOKE} (explicit options win)")
     ap.add_argument("--resume", action="store_true", help="keep the points already measured in the results file")
@@ -559,6 +573,8 @@ def main(argv=None) -> int:
     for name in ("batch", "context"):
         if any(x < 1 for x in getattr(args, name)):
             raise SystemExit(f"--{name}: expected integers >= 1, got {getattr(args, name)}")
+    if args.prefill_chunk is not None and args.prefill_chunk < 1:
+        raise SystemExit(f"--prefill-chunk: expected an integer >= 1, got {args.prefill_chunk}")
     if args.decode_steps < 1 or args.repeats < 1:
         raise SystemExit("--decode-steps and --repeats: expected integers >= 1")
     if max(args.batch) > 1 and not 0 <= args.pad < min(args.context):
@@ -574,11 +590,13 @@ def main(argv=None) -> int:
     hcfg = HybridConfig()
     settings = {"teacher": "smollm2", "num_layers": args.num_layers, "device": device.type, "dtype": dtype,
                 "decode_steps": args.decode_steps, "pad": args.pad, "repeats": args.repeats,
-                "window": hcfg.window, "feature_map": hcfg.feature_map, "feature_dim": hcfg.feature_dim}
+                "window": hcfg.window, "feature_map": hcfg.feature_map, "feature_dim": hcfg.feature_dim,
+                "prefill_chunk": args.prefill_chunk}
     machine = bg.machine_name(device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"long_context_{device.type}_{bg.slug(machine)}"
+    stem = f"long_context_{device.type}_{bg.slug(machine)}" + ("" if args.prefill_chunk is None
+                                                              else f"_prefill{args.prefill_chunk}")
     js_path = out / f"{stem}.json"
     run = {"started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "argv": sys.argv[1:] if argv is None else list(argv), "git_commit": git_commit(),
@@ -586,7 +604,7 @@ def main(argv=None) -> int:
     res = None
     if args.resume and js_path.exists():
         res = json.loads(js_path.read_text())
-        old = {k: v for k, v in res["settings"].items() if k in settings}
+        old = {k: res["settings"].get(k) for k in settings}  # a key added since the file was written: None
         if old != settings:
             diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
             raise SystemExit(f"--resume: {js_path} was measured with other settings (old, new): {diff}")
@@ -619,7 +637,7 @@ def main(argv=None) -> int:
         tmp.replace(js_path)
         (out / f"{stem}.md").write_text(render_md(res))
 
-    common = {"device": str(device), "dtype": dtype, "num_layers": args.num_layers}
+    common = {"device": str(device), "dtype": dtype, "num_layers": args.num_layers, "prefill_chunk": args.prefill_chunk}
     try:
         if "hybrid" in args.models:
             res["gate"] = {**run_gate_worker({**common, "kind": "gate", "model": "hybrid"}), "run": run["run"]}

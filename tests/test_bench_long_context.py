@@ -121,7 +121,7 @@ def test_markdown_report(runs):
     assert "gate: passed" in md and "untrained" in md and "RoPE extrapolates" in md
     n1 = sum(p["status"] == "ok" for p in runs["first"]["points"])  # a resumed file names what each run measured
     for r, n in ((1, n1), (2, len(GRID) - n1)):
-        assert re.search(rf"- run {r}: started [^,]+, git [0-9a-f]+, transformers [0-9.]+.*`--smoke .*`: {n} point\(s\)", md), md
+        assert re.search(rf"- run {r}: started [^,]+, git [0-9a-f]+[^,]*, transformers [0-9.]+.*`--smoke .*`: {n} point\(s\)", md), md
     for B in (1, 2):
         section = md.split(f"## B = {B}\n")[1].split("\n## ")[0]
         rows = [ln for ln in section.splitlines() if ln.startswith("| 96 ") or ln.startswith("| 160 ")]
@@ -190,3 +190,22 @@ def test_step_clock_times_steps_without_the_memory_reads(bench, monkeypatch):
     assert clock.prefill_s(t0) == 5.0 and clock.step_s() == [0.25] * steps
     assert clock.mem == {"prefill_peak": 5001, "after_prefill": 1000, "step1": 2000, "stepN": 5000,
                          "decode_peak": 5005}
+
+
+def test_chunked_prefill_run_has_its_own_file_and_gate(bench, tmp_path):
+    """--prefill-chunk N: generate(prefill_chunk_size=N) for the points, the gate prefills in chunks too
+    (at most a third of its prompt), and the results go to their own _prefillN file."""
+    out = tmp_path / "lc"
+    rc = bench.main(["--smoke", "--device", "cpu", "--models", "hybrid", "--batch", "1", "--context", "96",
+                     "--prefill-chunk", "40", "--out", str(out)])
+    assert rc == 0
+    (js,) = out.glob("long_context_cpu_*.json")
+    assert js.name.endswith("_prefill40.json")
+    res = json.loads(js.read_text())
+    assert res["settings"]["prefill_chunk"] == 40
+    assert res["gate"]["passed"] is True and res["gate"]["what"].endswith("prefill in chunks of 32")
+    (p,) = res["points"]
+    assert p["status"] == "ok" and p["cache_type"] == "HybridCache" and p["prefill_peak_bytes"] > 0
+    assert "`generate(prefill_chunk_size=40)`" in js.with_suffix(".md").read_text()
+    with pytest.raises(SystemExit, match="--prefill-chunk: expected an integer >= 1"):
+        bench.main(["--smoke", "--device", "cpu", "--prefill-chunk", "0", "--out", str(out)])

@@ -184,6 +184,25 @@ def test_generate_greedy_matches_uncached_argmax(model):
     assert torch.equal(logits[:, 29:-1].argmax(-1), out[:, 30:])
 
 
+@pytest.mark.parametrize("mode", hha.COMPONENT_MODES)
+def test_generate_with_chunked_prefill_equals_one_prefill(model, mode):
+    """generate(prefill_chunk_size=n) (transformers' chunked prefill: the prompt goes through the model
+    n tokens at a time on the HybridCache, so prefill activations are O(n), not O(T)) gives the same
+    scores and tokens as one prefill, on a left-padded batch whose padding spans the first chunk, with
+    chunks shorter than, equal to and longer than the window, and the same cache size."""
+    ids, mask, _ = left_padded()
+    kw = dict(attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0,
+              return_dict_in_generate=True, output_scores=True)
+    with hha.component_mode(model, mode):
+        one = model.generate(ids, **kw)
+        for n in (3, 5, 11):  # window 5: chunks inside, at and beyond it; 30 tokens: a ragged last chunk
+            chunked = model.generate(ids, prefill_chunk_size=n, **kw)
+            assert torch.equal(chunked.sequences, one.sequences), n
+            for a, b in zip(chunked.scores, one.scores):  # min_new_tokens leaves -inf (EOS) in both: equal
+                torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+            assert output_cache(chunked).memory_bytes() == output_cache(one).memory_bytes()
+
+
 def test_generate_uses_hybrid_cache_with_constant_memory(model):
     ids = torch.randint(3, 99, (2, 8))
     sizes = []
