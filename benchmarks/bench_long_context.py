@@ -263,13 +263,13 @@ def run_gate(model, tok, device, prefill_chunk: int | None = None) -> dict:
 def measure_point(model, tok, spec: dict) -> dict:
     from hf_hybrid_attn.compat import output_cache
 
-    device, steps = torch.device(spec["device"]), spec["decode_steps"]
+    device, steps, chunk = torch.device(spec["device"]), spec["decode_steps"], spec.get("prefill_chunk")
     probe = memory_probe(device)
     ids, mask = padded_prompts(tok, spec["batch"], spec["context"], spec["pad"], device)
     # warm-up, padded like the point: first calls pay for allocations, kernel compiles and autotuning
     warm = min(spec["context"], 2 * GATE["context"])
     w_ids, w_mask = padded_prompts(tok, spec["batch"], warm, min(spec["pad"], warm // 2), device)
-    generate_clocked(model, w_ids, w_mask, 2, bg.StepClock(device), tok.pad_token_id, spec.get("prefill_chunk"))
+    generate_clocked(model, w_ids, w_mask, 2, bg.StepClock(device), tok.pad_token_id, chunk)
     runs = []
     t_work = time.perf_counter()
     for _ in range(spec["repeats"]):
@@ -280,7 +280,7 @@ def measure_point(model, tok, spec: dict) -> dict:
         clock = MemoryStepClock(device, probe, steps)
         bg.sync(device)
         t0 = time.perf_counter()
-        out = generate_clocked(model, ids, mask, steps + 1, clock, tok.pad_token_id, spec.get("prefill_chunk"))
+        out = generate_clocked(model, ids, mask, steps + 1, clock, tok.pad_token_id, chunk)
         m = clock.mem
         runs.append({"prefill_s": clock.prefill_s(t0), "ms_per_step": 1000 * statistics.median(clock.step_s()),
                      "resident_bytes": base,
@@ -614,8 +614,8 @@ def main(argv=None) -> int:
     res["runs"].append(run)
     res.update({
         "model": "SmolLM2-135M-Instruct (Q4_1, dequantized)" + (f", first {args.num_layers} layers" if args.num_layers else ""),
-        "machine": machine, "device": device.type, "torch": torch.__version__,
-        "transformers": transformers.__version__, "git_commit": git_commit(), "date": run["started"],
+        "machine": machine, "device": device.type, "torch": run["torch"],
+        "transformers": run["transformers"], "git_commit": run["git_commit"], "date": run["started"],
         "hybrid_decode_path": ("fused Triton decode kernel (kernels/triton_decode.py)"
                                if resolve_backend("auto", device) == "triton"
                                else "PyTorch (kernels/chunked.py prefill, HybridCache steps)"),
