@@ -76,6 +76,12 @@ class HybridCacheLayer(CacheLayerMixin):
         self._position, self._stale = int(value), False
 
     @property
+    def host_position(self) -> int:
+        """The position of the next token, on the host (the eager decode step reads its ring slot
+        from it instead of computing it on the device)."""
+        return self.position
+
+    @property
     def cumulative_length(self) -> int:
         return self.position + self._pending
 

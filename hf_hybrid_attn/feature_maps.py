@@ -40,7 +40,7 @@ class FeatureMap(nn.Module):
             self.bias.zero_()
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.to(x.dtype)
+        w = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
         # the same products either way; on CPU matmul (W broadcast over the batch) is the faster one,
         # except for one token of several rows (a decode step), where it would copy W per row
         u = torch.einsum("bhtd,hdf->bhtf", x, w) if x.shape[0] > 1 and x.shape[2] == 1 else torch.matmul(x, w)

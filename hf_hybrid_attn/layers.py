@@ -322,23 +322,34 @@ class HybridMixer(nn.Module):
         modes whose linear branch covers the window, on the ring's w-1 keys)."""
         ring = cache_layer.decode_cache()
         lin_window = mode == "linear_only" or (mode == "hybrid" and self.linear_covers_window)
-        evicts = ring.k_win.shape[2] > 0 and not lin_window  # fold needs phi_k of the key leaving
-        keys = torch.cat([k, ring.evicted_keys().to(k.dtype)], 2) if evicts else k  # both in one call
+        W1 = ring.k_win.shape[2]
+        # eager, with a cache that knows the position on the host (a HybridCacheLayer; not vLLM's
+        # batch of requests): the evicted slot is then a view, with no index kernels
+        pos = None if torch.compiler.is_compiling() or not W1 else getattr(cache_layer, "host_position", None)
+        slot = pos % W1 if pos is not None and ring.position.numel() == 1 else None
+        evicts = W1 > 0 and not lin_window  # fold needs phi_k of the key leaving
+        if evicts:  # the new key and the one leaving, through the feature map in one call
+            leaving = ring.evicted_keys() if slot is None else ring.k_win.narrow(2, slot, 1)
+            keys = torch.cat([k, leaving if leaving.dtype == k.dtype else leaving.to(k.dtype)], 2)
+        else:
+            keys = k
         phi_q, phi_keys = self.features(q, keys)
         phi_k, phi_evict = phi_keys[:, :, :1], (phi_keys[:, :, 1:] if evicts else None)
-        if lin_window and ring.k_win.shape[2]:
+        if lin_window and W1:
             ring = dataclasses.replace(ring, phi_k_win=self.feature_map_k(expand_kv_heads(ring.k_win, self.num_heads)))
         gamma, alpha = self.gamma(), self.alpha()
         validate_inputs(q, k, v, phi_q, phi_k, gamma, alpha, window=self.window, mode=mode, key_valid=key_valid)
         n = self.softmax_sinks
         if backend == "triton":  # with softmax sinks it runs the torch step
             from .kernels.triton_decode import hybrid_decode_triton as step
+            extra = {}
         else:
             from .kernels.decode import hybrid_decode_torch as step
+            extra = {"slot": slot}
         sink_kw = dict(softmax_sinks=n, sinks=cache_layer.softmax_sinks_of(n)) if n else {}
         y = step(q, k, v, phi_q, phi_k, gamma, alpha, ring, scale=scaling, mode=mode,
                  linear_covers_window=self.linear_covers_window, phi_k_evict=phi_evict, key_valid=key_valid[:, -1],
-                 **sink_kw)
+                 **sink_kw, **extra)
         if n:
             cache_layer.after_decode(k, v, key_valid, self.num_sinks, softmax_sinks=n)
         else:

@@ -187,9 +187,9 @@ def fold_into_state(state: tuple[torch.Tensor, torch.Tensor], phi_k: torch.Tenso
     Hkv, T = v.shape[1], v.shape[2]
     G = H // Hkv
     if T == 1 and inplace:  # a decode step's one token: an outer product, no chunk loop or reshapes
-        w = phi_k.float().reshape(B, H, F) * valid.float().reshape(B, 1, 1)
+        w = _f32(phi_k).reshape(B, H, F) * valid.reshape(B, 1, 1)  # bool promotes: no conversion op
         z.add_(w)
-        S.view(B, Hkv, G, F, D).addcmul_(w.view(B, Hkv, G, F, 1), v.float().view(B, Hkv, 1, 1, D))
+        S.view(B, Hkv, G, F, D).addcmul_(w.view(B, Hkv, G, F, 1), _f32(v).reshape(B, Hkv, 1, 1, D))
         return S, z
     for s in range(0, T, chunk):
         e = min(T, s + chunk)
@@ -224,8 +224,13 @@ def hybrid_decode_torch(
     update_cache: bool = True,
     softmax_sinks: int = 0,
     sinks: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    slot: int | None = None,
 ) -> torch.Tensor:
     """One decode step; equals row T of the uncached forward over all T+1 keys.
+
+    slot: T % (w-1) as a Python int, where the caller knows T on the host (an eager step; the
+    position must be shared, [1]): the evicted slot is then read and written through views, with
+    no index kernels. None (a compiled step, or a position per row): it is computed on the device.
 
     softmax_sinks / sinks: the softmax-sinks arm (module docstring): sinks = (k [B,Hkv,S,D],
     v [B,Hkv,S,Dv], absolute positions [B,S] int64, valid [B,S] bool) of the sinks before the new
@@ -261,51 +266,66 @@ def hybrid_decode_torch(
     if softmax_sinks and cache.position.numel() != 1:
         raise ValueError(f"cache.position: softmax sinks need one position shared by the batch ([1]), got "
                          f"{tuple(cache.position.shape)}")
+    if slot is not None and (cache.position.numel() != 1 or not 0 <= slot < max(W1, 1)):
+        raise ValueError(f"slot: expected an int in [0, {max(W1, 1)}) with a shared position [1], got {slot!r} "
+                         f"with position {tuple(cache.position.shape)}")
     f32 = torch.float32
-    new_valid = (torch.ones(B, dtype=torch.bool, device=q.device) if key_valid is None
-                 else key_valid.reshape(B).to(device=q.device, dtype=torch.bool))
+    if key_valid is None:
+        new_valid = torch.ones(B, dtype=torch.bool, device=q.device)
+    else:
+        new_valid = key_valid.reshape(B)
+        if new_valid.dtype != torch.bool or new_valid.device != q.device:
+            new_valid = new_valid.to(device=q.device, dtype=torch.bool)
     sink = _sink_step(cache, sinks, softmax_sinks, new_valid, B, Hkv, D, DV) if softmax_sinks else None
-    # Few, whole-tensor ops: on CPU a step costs about one dispatch per op, whatever the sizes.
-    qg = q.to(f32).reshape(B, Hkv, G, D)
-    kn, vn = k.to(f32).reshape(B, Hkv, 1, D), v.to(f32).reshape(B, Hkv, 1, DV)
+    # Few, whole-tensor ops, none that is a no-op: on CPU a step costs about one dispatch per op,
+    # whatever the sizes (dtype conversions only where the dtype differs). The G query heads of a
+    # KV group are the rows of one bmm against that group's keys; gamma and alpha scale p and
+    # phi_q, so the window sums and the state readout add up in the readout's bmm.
+    kn, vn = _f32(k), _f32(v)  # [B, Hkv, 1, D] (checked above)
     num = den = None
     if mode != "linear_only":  # one softmax over [sinks older than the window,] the ring and the new key
-        keys, values, valid = [cache.k_win.to(f32), kn], [cache.v_win.to(f32), vn], [cache.valid, new_valid[:, None]]
+        keys, values, valid = [_f32(cache.k_win), kn], [_f32(cache.v_win), vn], [cache.valid, new_valid[:, None]]
         if sink is not None and sink["k"].shape[2]:
             keys.insert(0, sink["k"])
             values.insert(0, sink["v"])
             valid.insert(0, sink["outside"])
-        s = (scale * qg) @ torch.cat(keys, 2).transpose(-1, -2)  # [B, Hkv, G, n]
-        s = s.masked_fill(~torch.cat(valid, 1)[:, None, None, :], float("-inf"))
+        n = sum(t.shape[2] for t in keys)
+        qg = _f32(q).reshape(B * Hkv, G, D) * scale
+        s = torch.bmm(qg, torch.cat(keys, 2).reshape(B * Hkv, n, D).transpose(1, 2)).view(B, Hkv, G, n)
+        s.masked_fill_(~torch.cat(valid, 1).reshape(B, 1, 1, n), float("-inf"))
         # row max over the valid keys; a row with none gets the lowest finite value, so every p is 0
-        c = s.amax(-1, keepdim=True).clamp_min(torch.finfo(f32).min)
-        p = torch.exp(s - c)
-        g = gamma.to(f32).reshape(1, Hkv, G, 1)
-        num = g * (p @ torch.cat(values, 2))
-        den = g * p.sum(-1, keepdim=True)
+        p = s.sub_(s.amax(-1, keepdim=True).clamp_min_(torch.finfo(f32).min)).exp_()
+        p = p.mul_(_f32(gamma).reshape(1, Hkv, G, 1)).view(B * Hkv, G, n)
+        num = torch.bmm(p, torch.cat(values, 2).reshape(B * Hkv, n, DV)).view(B * H, 1, DV)
+        den = p.sum(-1).view(B * H, 1, 1)
     if mode != "swa_only":  # the linear branch: the state (+ the window's keys where it covers them)
-        pq = phi_q.to(f32).reshape(B, H, 1, F)
-        lin_num = (pq @ cache.S).reshape(B, Hkv, G, DV)
-        lin_den = (pq @ cache.z[..., None]).reshape(B, Hkv, G, 1)
-        if lin_window:
-            pq = pq.reshape(B, H, F)
+        pq = (_f32(phi_q).reshape(B, H, 1, F) * _f32(alpha).reshape(1, H, 1, 1)).view(B * H, 1, F)
+        S, z = cache.S.view(B * H, F, DV), cache.z.view(B * H, F, 1)
+        num = torch.bmm(pq, S) if num is None else torch.baddbmm(num, pq, S)
+        den = torch.bmm(pq, z) if den is None else torch.baddbmm(den, pq, z)
+        if lin_window:  # the window's keys in the linear sum: a_j = alpha * phi_q . phi_k_j
+            pq = pq.view(B, H, F)
             new_lin = new_valid if sink is None else new_valid & ~sink["new"]
-            win_lin = cache.valid if sink is None else cache.valid & ~sink["ring"]
-            a_new = (pq * phi_k.to(f32).reshape(B, H, F)).sum(-1).reshape(B, Hkv, G, 1) * new_lin[:, None, None, None]
-            lin_num = lin_num + a_new * vn
-            lin_den = lin_den + a_new
+            a_new = (pq * _f32(phi_k).reshape(B, H, F)).sum(-1).view(B, Hkv, G, 1) * new_lin.view(B, 1, 1, 1)
+            num = num + (a_new * vn).view(B * H, 1, DV)
+            den = den + a_new.view(B * H, 1, 1)
             if W1:
-                a_win = (cache.phi_k_win.to(f32) @ pq[..., None]).squeeze(-1)  # [B, H, W1]
-                a_win = (a_win * win_lin[:, None, :]).reshape(B, Hkv, G, W1)
-                lin_num = lin_num + a_win @ cache.v_win.to(f32)
-                lin_den = lin_den + a_win.sum(-1, keepdim=True)
-        a = alpha.to(f32).reshape(1, Hkv, G, 1)
-        num = a * lin_num if num is None else torch.addcmul(num, a, lin_num)
-        den = a * lin_den if den is None else torch.addcmul(den, a, lin_den)
-    y = torch.where(den > 0, num / den.clamp_min(1e-30), 0.0)
+                win_lin = cache.valid if sink is None else cache.valid & ~sink["ring"]
+                a_win = torch.bmm(_f32(cache.phi_k_win).view(B * H, W1, F), pq.view(B * H, F, 1)).view(B, H, W1)
+                a_win = (a_win * win_lin.view(B, 1, W1)).view(B * Hkv, G, W1)
+                num = num + torch.bmm(a_win, _f32(cache.v_win).reshape(B * Hkv, W1, DV)).view(B * H, 1, DV)
+                den = den + a_win.sum(-1).view(B * H, 1, 1)
+    # feature maps are non-negative, so den >= 0, and den == 0 only where every term of num is 0:
+    # the clamp alone gives the empty row its 0 (as the kernels' den != 0 test)
+    y = num.div_(den.clamp_min_(1e-30)).view(B, H, 1, DV)
     if update_cache:
-        _advance(cache, k, v, phi_k, phi_k_evict, new_valid, sink)
-    return y.reshape(B, H, 1, DV).to(q.dtype)
+        _advance(cache, k, v, phi_k, phi_k_evict, new_valid, sink, slot)
+    return y if y.dtype == q.dtype else y.to(q.dtype)
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """t in fp32, without a dispatch when it already is."""
+    return t if t.dtype == torch.float32 else t.float()
 
 
 def _sink_step(cache: DecodeCache, sinks, n: int, new_valid, B, Hkv, D, DV) -> dict:
@@ -335,12 +355,23 @@ def _sink_step(cache: DecodeCache, sinks, n: int, new_valid, B, Hkv, D, DV) -> d
                 new=new_valid & (svalid.long().sum(1) < n))
 
 
-def _advance(cache: DecodeCache, k, v, phi_k, phi_k_evict, new_valid, sink=None) -> None:
+def _advance(cache: DecodeCache, k, v, phi_k, phi_k_evict, new_valid, sink=None, slot: int | None = None) -> None:
     """Steps 2-3: fold the key leaving the window (not a sink), write the new token into its slot,
-    position += 1."""
+    position += 1. With a host `slot` the slot is read and written through views."""
     W1 = cache.k_win.shape[2]
     if W1 == 0:  # w = 1: the new key leaves the window at once
         fold_into_state((cache.S, cache.z), phi_k, v, (new_valid if sink is None else new_valid & ~sink["new"])[:, None])
+    elif slot is not None:
+        k_old, v_old = cache.k_win.narrow(2, slot, 1), cache.v_win.narrow(2, slot, 1)
+        valid_slot = cache.valid.narrow(1, slot, 1)
+        phi_old = phi_k_evict if cache.phi_k_win is None else cache.phi_k_win.narrow(2, slot, 1)
+        old_valid = valid_slot if sink is None else valid_slot & ~sink["ring"].narrow(1, slot, 1)
+        fold_into_state((cache.S, cache.z), phi_old, v_old, old_valid)  # before the slot is overwritten
+        k_old.copy_(k)
+        v_old.copy_(v)
+        valid_slot.copy_(new_valid.reshape(-1, 1))
+        if cache.phi_k_win is not None and phi_k is not None:
+            cache.phi_k_win.narrow(2, slot, 1).copy_(phi_k)
     else:
         slot = cache.evict_slot()
         phi_old = ring_take(cache.phi_k_win, slot) if cache.phi_k_win is not None else phi_k_evict

@@ -32,7 +32,10 @@ def _inputs(B=3, H=6, Hkv=2, T=20, D=8, F=5, seed=0):
 @pytest.mark.parametrize("covers", [False, True])
 @pytest.mark.parametrize("w", [1, 2, 5, 16])
 @pytest.mark.parametrize("prefill", [0, 1, 3, 15, 17])
-def test_decode_steps_equal_the_reference_rows(mode, covers, w, prefill):
+@pytest.mark.parametrize("host_slot", [False, True], ids=["device-slot", "host-slot"])
+def test_decode_steps_equal_the_reference_rows(mode, covers, w, prefill, host_slot):
+    """host_slot: the eager caller passes the ring slot T % (w-1) as an int (views instead of index
+    kernels); otherwise the step computes it from the device position (the compiled path)."""
     T = prefill + 9
     q, k, v, phi_q, phi_k, gamma, alpha, valid = _inputs(T=T)
     scale = 0.35
@@ -48,7 +51,7 @@ def test_decode_steps_equal_the_reference_rows(mode, covers, w, prefill):
         y = hybrid_decode_torch(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], phi_q[:, :, t : t + 1],
                                 phi_k[:, :, t : t + 1], gamma, alpha, cache, scale=scale, mode=mode,
                                 linear_covers_window=covers, phi_k_evict=None if keep_ring else evict,
-                                key_valid=valid[:, t])
+                                key_valid=valid[:, t], slot=t % max(w - 1, 1) if host_slot else None)
         assert y.dtype == q.dtype and y.shape == (3, 6, 1, 8)
         torch.testing.assert_close(y, ref[:, :, t : t + 1], atol=2e-6, rtol=2e-5, msg=lambda m, t=t: f"step {t}: {m}")
     assert int(cache.position) == T
@@ -74,6 +77,12 @@ def test_decode_refuses_what_it_cannot_compute():
         hybrid_decode_torch(*one, mode="sinks_only", **step)
     with pytest.raises(ValueError, match="one new token"):
         hybrid_decode_torch(q[:, :, 4:6], *one[1:], **step)
+    for bad in (4, -1):  # 4 slots (w = 5): the slot of position 5 is 1
+        with pytest.raises(ValueError, match=r"slot: expected an int in \[0, 4\)"):
+            hybrid_decode_torch(*one, phi_k_evict=phi_k[:, :, 1:2], slot=bad, **step)
+    per_row = dataclasses.replace(cache, position=cache.position.expand(3).clone())
+    with pytest.raises(ValueError, match="slot: .*shared position"):
+        hybrid_decode_torch(*one[:-1], per_row, phi_k_evict=phi_k[:, :, 1:2], slot=1, **step)
     before = (cache.S.clone(), cache.k_win.clone(), int(cache.position))
     hybrid_decode_torch(*one, phi_k_evict=phi_k[:, :, 1:2], update_cache=False, **step)
     assert torch.equal(cache.S, before[0]) and torch.equal(cache.k_win, before[1]) and int(cache.position) == before[2]

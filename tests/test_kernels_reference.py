@@ -170,3 +170,27 @@ def test_bad_inputs_raise_named_errors(change, match):
         q[0, 0, 3, 1] = float("nan")
     with pytest.raises(ValueError, match=match):
         hybrid_attention(q, k, v, fq, fk, g, a, **kw)
+
+
+def test_finite_check_names_the_tensor_and_has_no_false_alarm():
+    """check_finite (the inputs' NaN/Inf test: one reduction per tensor, one host sync): it names the
+    first bad tensor, catches infinities of both signs that cancel in a sum, and does not refuse
+    finite values whose sum overflows fp32 (the exact test then decides)."""
+    from hf_hybrid_attn.kernels.validation import check_finite
+
+    ok = torch.ones(2, 3)
+    for name in ("q", "k", "v"):
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            t = {n: ok.clone() for n in ("q", "k", "v")}
+            t[name][1, 2] = bad
+            with pytest.raises(ValueError, match=f"^{name}: contains NaN or Inf"):
+                check_finite(**t)
+    with pytest.raises(ValueError, match="^q: contains NaN or Inf"):  # +inf and -inf: the sum is NaN
+        check_finite(q=torch.tensor([float("inf")]), k=torch.tensor([float("-inf")]), v=ok)
+    big = torch.full((4,), 3e38)
+    check_finite(q=big, k=big, v=-big)  # the fp32 sum overflows: no error
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):
+        check_finite(q=ok.to(dtype), k=ok.to(dtype), v=ok.to(dtype))
+        with pytest.raises(ValueError, match="^v: contains NaN or Inf"):
+            check_finite(q=ok.to(dtype), k=ok.to(dtype), v=torch.tensor([1.0, float("nan")], dtype=dtype))
+    check_finite(q=torch.tensor([1e300], dtype=torch.float64), k=ok, v=ok)  # finite in fp64, inf in fp32
