@@ -1,4 +1,6 @@
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,3 +57,19 @@ def randomize_mixers(model, scale: float = 0.5):
         for _, attn in hf_hybrid_attn.iter_hybrid_attention(model):
             for p in attn.hybrid.parameters():
                 p.add_(scale * torch.randn_like(p))
+
+
+def load_teacher_benchmark(name: str):
+    """benchmarks/<name>.py as a fresh module (tests may monkeypatch it); the test is skipped, with
+    the reason, where the SmolLM2 teacher asset is not installed (scripts/run_tests.sh installs it)."""
+    from hf_hybrid_attn.assets import AssetMissingError, teacher_gguf_path
+
+    try:
+        teacher_gguf_path()
+    except AssetMissingError as e:
+        pytest.skip(f"SmolLM2 teacher asset missing: {e}")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -3,15 +3,11 @@ results files, times both layers at every context, and counts their ops. The hyb
 is deterministic, and on CPU an eager decode step costs about a dispatch per op, so it is bounded
 here: a change that adds ops to the step must raise the bound knowingly."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-from hf_hybrid_attn.assets import AssetMissingError, teacher_gguf_path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_decode_step.py"
+from conftest import load_teacher_benchmark
 
 #: top-level compute ops (views excluded) of one hybrid layer-0 attention call for one new token:
 #: 60 when this test was written (4 projections, RoPE, the feature maps, the input check, the step)
@@ -20,14 +16,7 @@ MAX_HYBRID_COMPUTE_OPS = 64
 
 @pytest.fixture
 def bench():
-    try:
-        teacher_gguf_path()
-    except AssetMissingError as e:
-        pytest.skip(f"SmolLM2 teacher asset missing: {e}")
-    spec = importlib.util.spec_from_file_location("bench_decode_step", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_teacher_benchmark("bench_decode_step")
 
 
 def test_bench_decode_step_smoke(tmp_path, bench):

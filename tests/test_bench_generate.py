@@ -1,29 +1,17 @@
 """benchmarks/bench_generate.py end to end on the real teacher cut to 2 layers (CPU): the gate passes,
 both caches are measured, and the hybrid cache does not grow with the context while the KV cache does."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from hf_hybrid_attn.assets import AssetMissingError, teacher_gguf_path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_generate.py"
+from conftest import load_teacher_benchmark
 
 
 @pytest.fixture
 def bench():
-    """The script as a fresh module (tests may monkeypatch it)."""
-    try:
-        teacher_gguf_path()
-    except AssetMissingError as e:
-        pytest.skip(f"SmolLM2 teacher asset missing: {e}")
-    spec = importlib.util.spec_from_file_location("bench_generate", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_teacher_benchmark("bench_generate")
 
 
 def test_bench_generate_smoke(tmp_path, bench):
