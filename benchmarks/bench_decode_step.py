@@ -52,9 +52,10 @@ def attention_modules():
             teacher.config, hybrid.config)
 
 
-def make_step(attn, cache, rotary, hidden: int, context: int, batch: int):
+def make_step(attn, cache, rotary, hidden: int, context: int, batch: int, step_mask=None):
     """A callable running attn for one new token at position `context` with `cache`, after a prefill
-    of `context` tokens into it."""
+    of `context` tokens into it. step_mask: the mask generate() passes the layer for that token (the
+    teacher's SDPA gets None without padding; the hybrid gets its key padding [B, 1])."""
     from hf_hybrid_attn import compat
 
     g = torch.Generator().manual_seed(0)
@@ -67,7 +68,7 @@ def make_step(attn, cache, rotary, hidden: int, context: int, batch: int):
     pe1 = rotary(x1, torch.full((batch, 1), context))
 
     def step():
-        return attn(x1, position_embeddings=pe1, attention_mask=None, **kw)
+        return attn(x1, position_embeddings=pe1, attention_mask=step_mask, **kw)
     return step
 
 
@@ -147,7 +148,8 @@ def main(argv=None) -> int:
     for T in args.context:
         t_cache, h_cache = DynamicCache(config=t_cfg), HybridCache(h_cfg)
         fns = {"teacher": make_step(t_attn, t_cache, rotary, hidden, T, args.batch),
-               "hybrid": make_step(h_attn, h_cache, rotary, hidden, T, args.batch)}
+               "hybrid": make_step(h_attn, h_cache, rotary, hidden, T, args.batch,
+                                   step_mask=torch.ones(args.batch, 1, dtype=torch.bool))}
         with torch.no_grad():  # both layers work: a finite output
             for f in fns.values():
                 y = f()[0]
