@@ -323,7 +323,21 @@ def worker_compute(spec: dict) -> dict:
     return rec
 
 
+def set_mmap_threshold(nbytes: int) -> None:
+    """glibc mallopt(M_MMAP_THRESHOLD, nbytes): every allocation of at least nbytes is its own mmap,
+    returned to the system when freed, and the threshold no longer rises as blocks are freed (by
+    default it climbs to 32 MiB, after which mid-size tensors come from the heap, whose freed holes
+    stay in the RSS). Then the RSS peak is close to the live allocations' peak."""
+    import ctypes
+
+    M_MMAP_THRESHOLD = -3
+    if not ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, int(nbytes)):
+        raise OSError(f"mallopt(M_MMAP_THRESHOLD, {nbytes}) failed")
+
+
 def _worker_entry(spec: dict, conn) -> None:
+    if spec.get("mmap_threshold") is not None:
+        set_mmap_threshold(spec["mmap_threshold"])
     conn.send(worker_compute(spec))
     conn.close()
 
@@ -499,6 +513,11 @@ def render_md(res: dict) -> str:
         f"where that is more (largest set: {pos.get('largest_set', '–')}): RoPE extrapolates beyond "
         f"{pos.get('native', '–')} (fine for speed and memory; outputs there are not judged)",
         f"- memory: {res.get('memory_method') or '–'}",
+        "- allocator: " + ("glibc's default (a dynamic mmap threshold: freed mid-size blocks can stay in the RSS)"
+                           if not s.get("malloc_mmap_threshold") else
+                           f"each point's process sets mallopt(M_MMAP_THRESHOLD, {s['malloc_mmap_threshold']}): "
+                           "allocations of that size or more go back to the system when freed, so the RSS peak "
+                           "follows the live memory"),
         f"- teacher budget: {s['teacher_budget_s']} s per point; memory limit (at the start): "
         f"{format(s['memory_limit_bytes'] / 1e9, '.1f') + ' GB' if s.get('memory_limit_bytes') else 'none'}",
         f"- gate: {gate_txt} ({gate.get('what', '')}{', run ' + str(gate['run']) if 'run' in gate else ''})",
@@ -561,6 +580,11 @@ def main(argv=None) -> int:
     ap.add_argument("--prefill-chunk", type=int, default=None,
                     help="generate(prefill_chunk_size=N): transformers' chunked prefill, the prompt N tokens at a "
                          "time (results file suffix _prefillN); default: one prefill forward")
+    ap.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
+                    help="CPU (glibc): each point's process sets mallopt(M_MMAP_THRESHOLD, BYTES), so allocations "
+                         "of at least BYTES are returned to the system when freed and the RSS peak follows the live "
+                         "memory instead of what the allocator keeps (results file suffix _mmapBYTES); default: "
+                         "glibc's own, dynamic threshold, as users run")
     ap.add_argument("--smoke", action="store_true",
                     help=f"tiny sizes for CI: {SMOKE} (explicit options win)")
     ap.add_argument("--resume", action="store_true", help="keep the points already measured in the results file")
@@ -575,6 +599,8 @@ def main(argv=None) -> int:
             raise SystemExit(f"--{name}: expected integers >= 1, got {getattr(args, name)}")
     if args.prefill_chunk is not None and args.prefill_chunk < 1:
         raise SystemExit(f"--prefill-chunk: expected an integer >= 1, got {args.prefill_chunk}")
+    if args.malloc_mmap_threshold is not None and args.malloc_mmap_threshold < 1:
+        raise SystemExit(f"--malloc-mmap-threshold: expected bytes >= 1, got {args.malloc_mmap_threshold}")
     if args.decode_steps < 1 or args.repeats < 1:
         raise SystemExit("--decode-steps and --repeats: expected integers >= 1")
     if max(args.batch) > 1 and not 0 <= args.pad < min(args.context):
@@ -591,12 +617,15 @@ def main(argv=None) -> int:
     settings = {"teacher": "smollm2", "num_layers": args.num_layers, "device": device.type, "dtype": dtype,
                 "decode_steps": args.decode_steps, "pad": args.pad, "repeats": args.repeats,
                 "window": hcfg.window, "feature_map": hcfg.feature_map, "feature_dim": hcfg.feature_dim,
-                "prefill_chunk": args.prefill_chunk}
+                "prefill_chunk": args.prefill_chunk, "malloc_mmap_threshold": args.malloc_mmap_threshold}
     machine = bg.machine_name(device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"long_context_{device.type}_{bg.slug(machine)}" + ("" if args.prefill_chunk is None
-                                                              else f"_prefill{args.prefill_chunk}")
+    stem = (f"long_context_{device.type}_{bg.slug(machine)}"
+            + ("" if args.prefill_chunk is None else f"_prefill{args.prefill_chunk}")
+            + ("" if args.malloc_mmap_threshold is None else f"_mmap{args.malloc_mmap_threshold}"))
+    if args.malloc_mmap_threshold is not None and device.type != "cpu":
+        raise SystemExit("--malloc-mmap-threshold: CPU only (it sets glibc's allocator; CUDA memory is counted by torch)")
     js_path = out / f"{stem}.json"
     run = {"started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "argv": sys.argv[1:] if argv is None else list(argv), "git_commit": git_commit(),
@@ -637,7 +666,8 @@ def main(argv=None) -> int:
         tmp.replace(js_path)
         (out / f"{stem}.md").write_text(render_md(res))
 
-    common = {"device": str(device), "dtype": dtype, "num_layers": args.num_layers, "prefill_chunk": args.prefill_chunk}
+    common = {"device": str(device), "dtype": dtype, "num_layers": args.num_layers, "prefill_chunk": args.prefill_chunk,
+              "mmap_threshold": args.malloc_mmap_threshold}
     try:
         if "hybrid" in args.models:
             res["gate"] = {**run_gate_worker({**common, "kind": "gate", "model": "hybrid"}), "run": run["run"]}

@@ -209,3 +209,66 @@ def test_chunked_prefill_run_has_its_own_file_and_gate(bench, tmp_path):
     assert "`generate(prefill_chunk_size=40)`" in js.with_suffix(".md").read_text()
     with pytest.raises(SystemExit, match="--prefill-chunk: expected an integer >= 1"):
         bench.main(["--smoke", "--device", "cpu", "--prefill-chunk", "0", "--out", str(out)])
+
+
+MMAP_PROBE = r"""
+import ctypes, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+class MI2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MI2
+if sys.argv[2] == "fixed":
+    import bench_long_context
+    bench_long_context.set_mmap_threshold(128 * 1024)
+a = torch.empty(2**20, dtype=torch.uint8)
+del a  # glibc's default: freeing this mmapped block raises the threshold above its size
+before = libc.mallinfo2().hblkhd
+b = torch.empty(2**20, dtype=torch.uint8)
+print(libc.mallinfo2().hblkhd - before)  # bytes newly mapped for b
+"""
+
+
+@pytest.mark.parametrize("mode", ["default", "fixed"])
+def test_mmap_threshold_keeps_mid_size_tensors_out_of_the_heap(mode):
+    """What --malloc-mmap-threshold relies on (glibc): by default, once a 1 MiB block has been freed the
+    next one comes from the heap (where freed holes stay in the RSS); with the threshold set in the
+    process it is its own mapping again, returned to the system when freed."""
+    import subprocess
+
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallinfo2  # noqa: B018
+    except (OSError, AttributeError) as e:
+        pytest.skip(f"not glibc >= 2.33 (no mallinfo2): {e}")
+    out = subprocess.run([sys.executable, "-c", MMAP_PROBE, str(SCRIPT.parent), mode], capture_output=True,
+                         text=True, check=True)
+    mapped = int(out.stdout.split()[-1])
+    if mode == "fixed":
+        assert mapped >= 2**20, mapped
+    else:
+        assert mapped < 2**20, mapped
+
+
+def test_mmap_threshold_run_has_its_own_file(bench, tmp_path):
+    """--malloc-mmap-threshold N: recorded in the settings (a resume with another value is refused), said
+    in the md, results in their own _mmapN file; refused off CPU and below 1."""
+    out = tmp_path / "lc"
+    args = ["--smoke", "--device", "cpu", "--models", "hybrid", "--batch", "1", "--context", "96", "--out", str(out)]
+    assert bench.main([*args, "--malloc-mmap-threshold", "131072"]) == 0
+    (js,) = out.glob("long_context_cpu_*.json")
+    assert js.name.endswith("_mmap131072.json")
+    res = json.loads(js.read_text())
+    assert res["settings"]["malloc_mmap_threshold"] == 131072
+    (p,) = res["points"]
+    assert p["status"] == "ok" and p["prefill_peak_bytes"] > 0
+    assert "mallopt(M_MMAP_THRESHOLD, 131072)" in js.with_suffix(".md").read_text()
+    assert bench.main([*args, "--malloc-mmap-threshold", "131072", "--resume"]) == 0  # same settings: kept
+    assert json.loads(js.read_text())["points"][0]["run"] == 1
+    with pytest.raises(SystemExit, match="--malloc-mmap-threshold: expected bytes >= 1"):
+        bench.main([*args, "--malloc-mmap-threshold", "0"])
+    with pytest.raises(SystemExit, match="CPU only"):
+        bench.main([*args[:2], "meta", *args[3:], "--malloc-mmap-threshold", "4096"])
