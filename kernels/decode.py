@@ -300,19 +300,20 @@ def hybrid_decode_torch(
         den = p.sum(-1).view(B * H, 1, 1)
     if mode != "swa_only":  # the linear branch: the state (+ the window's keys where it covers them)
         pq = (_f32(phi_q).reshape(B, H, 1, F) * _f32(alpha).reshape(1, H, 1, 1)).view(B * H, 1, F)
-        S, z = cache.S.view(B * H, F, DV), cache.z.view(B * H, F, 1)
+        # reshape, not view: a cache's S and z may be strided views (vLLM's state rows); read only here
+        S, z = cache.S.reshape(B * H, F, DV), cache.z.reshape(B * H, F, 1)
         num = torch.bmm(pq, S) if num is None else torch.baddbmm(num, pq, S)
         den = torch.bmm(pq, z) if den is None else torch.baddbmm(den, pq, z)
         if lin_window:  # the window's keys in the linear sum: a_j = alpha * phi_q . phi_k_j
             pq = pq.view(B, H, F)
             new_lin = new_valid if sink is None else new_valid & ~sink["new"]
-            a_new = (pq * _f32(phi_k).reshape(B, H, F)).sum(-1).view(B, Hkv, G, 1) * new_lin.view(B, 1, 1, 1)
+            a_new = (pq * _f32(phi_k).reshape(B, H, F)).sum(-1).view(B, Hkv, G, 1) * new_lin.reshape(B, 1, 1, 1)
             num = num + (a_new * vn).view(B * H, 1, DV)
             den = den + a_new.view(B * H, 1, 1)
             if W1:
                 win_lin = cache.valid if sink is None else cache.valid & ~sink["ring"]
-                a_win = torch.bmm(_f32(cache.phi_k_win).view(B * H, W1, F), pq.view(B * H, F, 1)).view(B, H, W1)
-                a_win = (a_win * win_lin.view(B, 1, W1)).view(B * Hkv, G, W1)
+                a_win = torch.bmm(_f32(cache.phi_k_win).reshape(B * H, W1, F), pq.view(B * H, F, 1)).view(B, H, W1)
+                a_win = (a_win * win_lin.reshape(B, 1, W1)).view(B * Hkv, G, W1)
                 num = num + torch.bmm(a_win, _f32(cache.v_win).reshape(B * Hkv, W1, DV)).view(B * H, 1, DV)
                 den = den + a_win.sum(-1).view(B * H, 1, 1)
     # feature maps are non-negative, so den >= 0, and den == 0 only where every term of num is 0:

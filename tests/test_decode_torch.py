@@ -167,3 +167,46 @@ def test_position_shape_and_sinks_are_checked():
     stacked.position = torch.tensor([2, 4, 5])
     with pytest.raises(ValueError, match=r"cache.position: softmax sinks need one position shared by the batch"):
         hybrid_decode_torch(*one, gamma, alpha, stacked, softmax_sinks=2, **kw)
+
+
+def _row_strided(t: torch.Tensor, pad: int = 3) -> torch.Tensor:
+    """The same values in rows with padding between them (as vLLM's paged state rows lie): a view
+    whose batch stride is not the product of the other sizes, so it cannot be flattened by view()."""
+    per_row = t[0].numel()
+    buf = torch.full((t.shape[0], per_row + pad), -7, dtype=t.dtype)
+    view = buf[:, :per_row].unflatten(1, t.shape[1:])
+    view.copy_(t)
+    return view
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "swa_only", "linear_only"])
+@pytest.mark.parametrize("host_slot", [False, True], ids=["device-slot", "host-slot"])
+def test_decode_on_row_strided_cache_rows(mode, host_slot):
+    """A cache whose tensors are row-strided views (vLLM's state rows) gives the same outputs as a
+    contiguous one and is updated in place, through the views."""
+    w, prefill, T = 5, 7, 12
+    q, k, v, phi_q, phi_k, gamma, alpha, valid = _inputs(T=T)
+    keep_ring = mode == "linear_only"
+    state = linear_state(phi_k, v, end=prefill - (w - 1), key_valid=valid)
+
+    def fresh():
+        return DecodeCache.from_prefill(k[:, :, :prefill], v[:, :, :prefill], state, w, key_valid=valid[:, :prefill],
+                                        phi_k=phi_k[:, :, :prefill] if keep_ring else None)
+    plain = fresh()
+    c = fresh()
+    strided = dataclasses.replace(c, **{f.name: _row_strided(getattr(c, f.name)) for f in dataclasses.fields(c)
+                                        if f.name != "position" and getattr(c, f.name) is not None})
+    with pytest.raises(RuntimeError):
+        strided.S.view(-1)  # really not flat
+    for t in range(prefill, T):
+        old = t - (w - 1)
+        evict = None if keep_ring else phi_k[:, :, old : old + 1]
+        one = (q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], phi_q[:, :, t : t + 1], phi_k[:, :, t : t + 1],
+               gamma, alpha)
+        kw = dict(scale=0.35, mode=mode, phi_k_evict=evict, key_valid=valid[:, t],
+                  slot=t % (w - 1) if host_slot else None)
+        y_plain = hybrid_decode_torch(*one, plain, **kw)
+        y_strided = hybrid_decode_torch(*one, strided, **kw)
+        torch.testing.assert_close(y_strided, y_plain, rtol=0, atol=0)
+    for f in ("S", "z", "k_win", "v_win", "valid"):
+        assert torch.equal(getattr(strided, f), getattr(plain, f)), f
