@@ -329,7 +329,7 @@ class HybridMixer(nn.Module):
         slot = pos % W1 if pos is not None and ring.position.numel() == 1 else None
         evicts = W1 > 0 and not lin_window  # fold needs phi_k of the key leaving
         if evicts:  # the new key and the one leaving, through the feature map in one call
-            leaving = ring.evicted_keys() if slot is None else ring.k_win.narrow(2, slot, 1)
+            leaving = ring.evicted_keys(slot)
             keys = torch.cat([k, leaving if leaving.dtype == k.dtype else leaving.to(k.dtype)], 2)
         else:
             keys = k

@@ -115,11 +115,12 @@ class DecodeCache:
         the next step."""
         return self.position % max(self.window - 1, 1)
 
-    def evicted_keys(self) -> torch.Tensor:
-        """[B, Hkv, 1, D]: raw key at position T-w+1 (apply the feature map to get phi_k_evict)."""
-        return ring_take(self.k_win, self.evict_slot())
+    def evicted_keys(self, slot: int | None = None) -> torch.Tensor:
+        """[B, Hkv, 1, D]: raw key at position T-w+1 (apply the feature map to get phi_k_evict); `slot`:
+        its ring slot where the caller knows it on the host (a view then)."""
+        return ring_take(self.k_win, self.evict_slot() if slot is None else slot)
 
-    def write_slot(self, slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
+    def write_slot(self, slot: torch.Tensor | int, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
                    phi_k: torch.Tensor | None = None) -> None:
         """Step 3: the new token ([B, Hkv, 1, D], valid [B]) into ring slot `slot` ([1] or [B])."""
         ring_put(self.k_win, slot, k)
@@ -148,20 +149,25 @@ def check_position(cache: DecodeCache, batch: int) -> None:
                          f"{p.dtype} {tuple(p.shape)}")
 
 
-def ring_take(t: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+def ring_take(t: torch.Tensor, slot: torch.Tensor | int) -> torch.Tensor:
     """Ring slot `slot` of every row of a ring tensor (4-D [B, X, w-1, ...]: slots on dim 2; 2-D
     `valid` [B, w-1]: dim 1), keeping that dim (size 1). slot [1]: the same slot for every row; [B]:
-    one slot per row."""
+    one slot per row; an int: a slot known on the host (a view)."""
     d = 1 if t.dim() == 2 else 2
+    if isinstance(slot, int):  # known on the host (an eager step): a view, no index kernel
+        return t.narrow(d, slot, 1)
     if slot.numel() == 1:
         return t.index_select(d, slot.reshape(1))
     rows = torch.arange(t.shape[0], device=t.device)
     return (t[rows, slot] if d == 1 else t[rows, :, slot]).unsqueeze(d)
 
 
-def ring_put(t: torch.Tensor, slot: torch.Tensor, value: torch.Tensor) -> None:
+def ring_put(t: torch.Tensor, slot: torch.Tensor | int, value: torch.Tensor) -> None:
     """In place: write `value` (shaped as `ring_take(t, slot)` returns) into ring slot `slot`."""
     d = 1 if t.dim() == 2 else 2
+    if isinstance(slot, int):
+        t.narrow(d, slot, 1).copy_(value)
+        return
     value = value.to(t.dtype)
     if slot.numel() == 1:
         t.index_copy_(d, slot.reshape(1), value)
@@ -362,23 +368,12 @@ def _advance(cache: DecodeCache, k, v, phi_k, phi_k_evict, new_valid, sink=None,
     W1 = cache.k_win.shape[2]
     if W1 == 0:  # w = 1: the new key leaves the window at once
         fold_into_state((cache.S, cache.z), phi_k, v, (new_valid if sink is None else new_valid & ~sink["new"])[:, None])
-    elif slot is not None:
-        k_old, v_old = cache.k_win.narrow(2, slot, 1), cache.v_win.narrow(2, slot, 1)
-        valid_slot = cache.valid.narrow(1, slot, 1)
-        phi_old = phi_k_evict if cache.phi_k_win is None else cache.phi_k_win.narrow(2, slot, 1)
-        old_valid = valid_slot if sink is None else valid_slot & ~sink["ring"].narrow(1, slot, 1)
-        fold_into_state((cache.S, cache.z), phi_old, v_old, old_valid)  # before the slot is overwritten
-        k_old.copy_(k)
-        v_old.copy_(v)
-        valid_slot.copy_(new_valid.reshape(-1, 1))
-        if cache.phi_k_win is not None and phi_k is not None:
-            cache.phi_k_win.narrow(2, slot, 1).copy_(phi_k)
     else:
-        slot = cache.evict_slot()
+        slot = cache.evict_slot() if slot is None else slot
         phi_old = ring_take(cache.phi_k_win, slot) if cache.phi_k_win is not None else phi_k_evict
         old_valid = ring_take(cache.valid, slot)
         if sink is not None:
-            old_valid = old_valid & ~sink["ring"].index_select(1, slot)
-        fold_into_state((cache.S, cache.z), phi_old, ring_take(cache.v_win, slot), old_valid)
+            old_valid = old_valid & ~ring_take(sink["ring"], slot)
+        fold_into_state((cache.S, cache.z), phi_old, ring_take(cache.v_win, slot), old_valid)  # before the write
         cache.write_slot(slot, k, v, new_valid, phi_k)
     cache.position.add_(1)
