@@ -323,3 +323,29 @@ def test_state_fold_is_exact_chunked_and_never_expands_kv_heads():
     torch.testing.assert_close(layer.state[1].double(), z_ref, atol=1e-4, rtol=1e-5)
     assert seen.largest <= max(bound, B * H * 1024 * F, B * T), seen.largest  # FOLD_CHUNK = 1024 here
     assert layer.keys.shape[2] == w - 1 and torch.equal(layer.window_tokens()[0], k[:, :, T - (w - 1):])
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "swa_only", "linear_only"])
+@pytest.mark.parametrize("proj,bad", [("q_proj", float("nan")), ("k_proj", float("inf")), ("v_proj", float("nan")),
+                                      ("k_proj", float("-inf"))])
+def test_non_finite_new_token_in_a_decode_step_is_named_and_leaves_the_cache(model, mode, proj, bad):
+    """A NaN or an Inf in the new token's q, k or v during a cached decode step (the in-place ring
+    step): one ValueError naming the tensor, raised before the ring and state are written."""
+    ids = torch.randint(3, 99, (2, 9))
+    layer = model.model.layers[1].self_attn
+    with torch.no_grad(), hha.component_mode(model, mode):
+        cache = hha.HybridCache(model.config)
+        model(ids, **cache_kwargs(cache), use_cache=True)
+        before = [t.clone() for t in ring_tensors(cache.layers[1])]
+        hook = getattr(layer, proj).register_forward_hook(lambda m, i, o: o.index_fill(-1, torch.tensor([3]), bad))
+        try:
+            with pytest.raises(ValueError, match=f"^{proj[0]}: contains NaN or Inf"):
+                model(ids[:, :1], **cache_kwargs(cache), use_cache=True)
+        finally:
+            hook.remove()
+    assert all(torch.equal(a, b) for a, b in zip(before, ring_tensors(cache.layers[1]), strict=True))
+
+
+def ring_tensors(layer):
+    c = layer.decode_cache()
+    return [c.k_win, c.v_win, c.valid, c.S, c.z, c.position]
