@@ -56,3 +56,45 @@ def subprocess_suite(path: str, name: str, unavailable: bool):
 
     suite_in_subprocess.__name__ = suite_in_subprocess.__qualname__ = name
     return _in_process_interpreter, suite_in_subprocess
+
+
+def skip_repatching_inside_kernels() -> bool:
+    """Make Triton's interpreter stop re-patching `triton.language` on every device-function call.
+
+    In the interpreter, each call a kernel makes to a @jit function (`tl.sum`, `tl.max`, `tl.where`'s
+    helpers and our own) runs `_patch_lang(fn)`, which scans the language modules with
+    `inspect.getmembers` to wrap their builtins, again, though the launch (`GridExecutor`) has already
+    wrapped them (and the first nested call wraps `triton.language.core` for good: that scope is
+    never restored). Measured with cProfile on two kernel tests (test_triton_kernels decode [100],
+    test_kernel_numerics_devices [100]): these rescans were a third of the run. A module whose builtins
+    are already wrapped is left as it is; anything else goes to Triton's own `_patch_lang`, and the
+    launch-level patch and its restore are untouched. Only what the interpreter spends is changed, not
+    what a kernel computes: every kernel test still compares against its reference. Returns whether it
+    was installed (False, and nothing changed, where this triton's interpreter is built differently).
+    """
+    import inspect
+
+    try:
+        import triton.language as tl
+        import triton.runtime.interpreter as interp
+
+        source = inspect.getsource(interp.InterpretedFunction.__call__)
+        original, is_builtin = interp._patch_lang, tl.core.is_builtin
+        scope_cls = interp._LangPatchScope
+    except (ImportError, AttributeError, OSError, TypeError):
+        return False
+    if "_patch_lang(self.fn)" not in source or getattr(original, "_hf_hybrid_skip", False):
+        return False
+    langs_of = {}
+
+    def patch_lang(fn):
+        langs = langs_of.get(fn)
+        if langs is None:
+            langs = langs_of[fn] = [v for v in fn.__globals__.values() if v is tl or v is tl.core]
+        if langs and not any(is_builtin(getattr(lang, "program_id", None)) for lang in langs):
+            return scope_cls()  # already wrapped: nothing to patch, nothing to restore
+        return original(fn)
+
+    patch_lang._hf_hybrid_skip = True
+    interp._patch_lang = patch_lang
+    return True

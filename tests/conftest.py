@@ -9,6 +9,10 @@ import torch
 # first imported, so it must be set here, before any test module (or transformers) imports triton.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes"):
+    import _interpreter
+
+    _interpreter.skip_repatching_inside_kernels()
 
 # scripts/run_tests.sh runs the suite on pytest-xdist workers (`-n 2 --dist loadfile`), one per core.
 # Each worker then computes on one thread, and so do the subprocesses it starts (the study, the demo,
