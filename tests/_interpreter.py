@@ -23,11 +23,16 @@ import torch
 _ON = ("1", "true", "on", "yes")
 
 
+def interpreter_on() -> bool:
+    """Whether TRITON_INTERPRET asks for Triton's interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in _ON
+
+
 def prepare() -> bool:
     """Turn the interpreter on without a GPU (if triton is not imported yet); True when triton was
     imported before with it off, so this process cannot run the kernels in the interpreter."""
     cpu_only = not torch.cuda.is_available()
-    preset = os.environ.get("TRITON_INTERPRET", "0").lower() in _ON
+    preset = interpreter_on()
     unavailable = cpu_only and "triton" in sys.modules and not preset
     if cpu_only:
         os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -9,9 +9,9 @@ import torch
 # first imported, so it must be set here, before any test module (or transformers) imports triton.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes"):
-    import _interpreter
+import _interpreter  # noqa: E402  (after the flag: it must not import triton first)
 
+if _interpreter.interpreter_on():
     _interpreter.skip_repatching_inside_kernels()
 
 # scripts/run_tests.sh runs the suite on pytest-xdist workers (`-n 2 --dist loadfile`), one per core.
