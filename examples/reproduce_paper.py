@@ -2,7 +2,7 @@
 
     python examples/reproduce_paper.py                 # the whole study (hours on 2 CPU cores)
     python examples/reproduce_paper.py --plan          # what it would run, and what is done already
-    python examples/reproduce_paper.py --smoke         # the same pipeline on a 2-layer cut (< 3 min)
+    python examples/reproduce_paper.py --smoke         # the same pipeline on a 2-layer cut (~5.5 min, 2 cores)
     python examples/reproduce_paper.py --report-only   # rebuild the tables and plots from what is done
 
 Question: does a LoLCATs conversion collapse onto its softmax window, and do HedgeCATs and SSD keep
@@ -41,7 +41,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,6 +73,7 @@ class Study:
     full_suite: dict = field(default_factory=dict)  # tasks added for the best model of each recipe
     share_blocks: int = 2
     batch_size: int = 16
+    max_val_blocks: int = 64  # validation blocks a conversion keeps (`hf-hybrid convert --max-val-blocks`)
 
 
 FULL = Study(
@@ -85,7 +86,7 @@ SMOKE = Study(
     finetune_eval_every=1, finetune_eval_blocks=2, ppl_blocks=1, ppl_block_size=256, probe_distances=(16, 48, 256),
     probe_items=2,
     zero_shot={"piqa": 4, "arc_easy": 4, "hellaswag": 4}, full_suite={"arc_challenge": 4, "winogrande": 4},
-    share_blocks=1, batch_size=8,
+    share_blocks=1, batch_size=8, max_val_blocks=2,
 )
 
 
@@ -176,7 +177,7 @@ class Runner:
                     "--data-seed", str(DATA_SEED), "--data", "sotu", "--out", str(target), "--resume",
                     "--set", f"finetune.eval_every={s.finetune_eval_every}",
                     "--set", f"finetune.eval_blocks={s.finetune_eval_blocks}",
-                    "--set", f"finetune.share_blocks={s.share_blocks}"]
+                    "--set", f"finetune.share_blocks={s.share_blocks}", "--max-val-blocks", str(s.max_val_blocks)]
             if s.num_layers:
                 argv += ["--num-layers", str(s.num_layers)]
             if c.softmax_sinks:
@@ -340,7 +341,7 @@ class Runner:
             return
         self.convert(c)
         self.evaluate(c.name, str(self.runs / c.name), True, self.all_pieces(c))
-        self.report()
+        self.report(plots=False)  # the results so far; the plots are drawn once, at the end of the sitting
 
     def needs_reconversion(self, c: Conversion) -> bool:
         """Converted and evaluated before, but pieces are missing and the checkpoint is gone."""
@@ -431,8 +432,8 @@ class Runner:
             return None
         return task_summary(p, window)
 
-    def report(self) -> None:
-        write_report(self)
+    def report(self, plots: bool = True) -> None:
+        write_report(self, plots)
 
 
 def _val_fraction() -> float:
@@ -784,11 +785,14 @@ def plots(res: dict, out: Path) -> None:
     plt.close(fig)
 
 
-def write_report(runner: Runner) -> None:
+def write_report(runner: Runner, draw: bool = True) -> None:
+    """results.json and results.md; with `draw`, the plots too (about 3 s, so only at the end of a
+    sitting and in --report-only, not after every model)."""
     res = collect(runner)
     _write_json(runner.out / "results.json", res)
     (runner.out / "results.md").write_text(render(res))
-    plots(res, runner.out)
+    if draw:
+        plots(res, runner.out)
 
 
 # --- command line ----------------------------------------------------------------------------------
@@ -848,6 +852,15 @@ def estimate(runner: Runner) -> dict | None:
             "conversion_h": per_conv, "evaluation_h": per_eval}
 
 
+def same_study(recorded: dict, study: Study) -> bool:
+    """Whether a study.json stamp records `study`. A field the stamp lacks (added to Study since the
+    stamp was written) matches when `study` has that field's default: the older study ran with it."""
+    now = json.loads(json.dumps(asdict(study)))
+    defaults = {f.name: f.default for f in fields(Study) if f.default is not MISSING}
+    old = {k: recorded.get(k, json.loads(json.dumps(defaults.get(k)))) for k in now}
+    return old == now and set(recorded) <= set(now)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="the same pipeline on a 2-layer cut, tiny budgets (CI)")
@@ -867,7 +880,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"reproduction{suffix}")
     runs = Path(args.runs or ROOT / "runs" / f"reproduction{suffix}")
     stamp = out / "study.json"
-    if stamp.is_file() and _read_json(stamp)["study"] != json.loads(json.dumps(asdict(study))):
+    if stamp.is_file() and not same_study(_read_json(stamp)["study"], study):
         raise SystemExit(f"--out: {out} holds results of a differently sized study ({stamp}); "
                          "use another --out or remove it")
     _write_json(stamp, {"study": asdict(study)})

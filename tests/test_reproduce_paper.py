@@ -63,7 +63,7 @@ def test_every_conversion_and_evaluation_piece_is_there(study):
         assert saved.get("softmax_sinks", 0) == (4 if name in arms else 0)
     # the same training data for both seeds, different training
     a, b = (json.loads((runs / f"lolcats_w64_s{s}" / "training_log.json").read_text()) for s in (0, 1))
-    assert a["data"] == b["data"]
+    assert a["data"] == b["data"] and a["data"]["val_blocks"] == rp.SMOKE.max_val_blocks == 2
     assert a["stages"]["transfer"]["train_curve"] != b["stages"]["transfer"]["train_curve"]
     # the five-task suite ran for the teacher and every w=64 model (hybrid only), right after its conversion
     suite = {n for n, m in res["models"].items() if "winogrande" in m["tasks"]}
@@ -146,6 +146,21 @@ def test_a_differently_sized_study_is_refused(study, tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(out), "--runs", str(runs),
                            "--tokens", "4096", "--plan"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode != 0 and "differently sized study" in proc.stderr
+
+
+def test_a_stamp_from_before_a_study_field_existed():
+    """study.json written before Study.max_val_blocks existed still matches the study it recorded when
+    that study has the field's default (the full study ran with 64 validation blocks); anything else
+    is a different study."""
+    from dataclasses import asdict
+
+    old_full = {k: v for k, v in json.loads(json.dumps(asdict(rp.FULL))).items() if k != "max_val_blocks"}
+    assert rp.same_study(old_full, rp.FULL)
+    old_smoke = {k: v for k, v in json.loads(json.dumps(asdict(rp.SMOKE))).items() if k != "max_val_blocks"}
+    assert not rp.same_study(old_smoke, rp.SMOKE)  # the smoke study keeps 2, not the default
+    assert rp.same_study(json.loads(json.dumps(asdict(rp.SMOKE))), rp.SMOKE)
+    assert not rp.same_study({**old_full, "tokens": 1}, rp.FULL)
+    assert not rp.same_study({**old_full, "unknown_field": 1}, rp.FULL)
 
 
 def test_statistics():
