@@ -73,7 +73,7 @@ class Study:
     full_suite: dict = field(default_factory=dict)  # tasks added for the best model of each recipe
     share_blocks: int = 2
     batch_size: int = 16
-    max_val_blocks: int = 64  # validation blocks a conversion keeps (`hf-hybrid convert --max-val-blocks`)
+    max_val_blocks: int = 64  # validation blocks a conversion keeps (`hf-hybrid convert --max-val-blocks`, always passed)
 
 
 FULL = Study(
@@ -341,7 +341,7 @@ class Runner:
             return
         self.convert(c)
         self.evaluate(c.name, str(self.runs / c.name), True, self.all_pieces(c))
-        self.report(plots=False)  # the results so far; the plots are drawn once, at the end of the sitting
+        self.report(draw=False)  # the results so far; the plots are drawn once, at the end of the sitting
 
     def needs_reconversion(self, c: Conversion) -> bool:
         """Converted and evaluated before, but pieces are missing and the checkpoint is gone."""
@@ -432,8 +432,8 @@ class Runner:
             return None
         return task_summary(p, window)
 
-    def report(self, plots: bool = True) -> None:
-        write_report(self, plots)
+    def report(self, draw: bool = True) -> None:
+        write_report(self, draw)
 
 
 def _val_fraction() -> float:
