@@ -46,10 +46,29 @@ mkdir -p "$logs"
 # one engine in the test process (no engine-core subprocess); small CPU caches (GiB)
 export HF_HYBRID_VLLM_MODELS="$models" HF_HYBRID_VLLM_LOGS="$logs" VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=1
 cd tests/vllm
+run() { "$vpy" -m pytest -q -p no:cacheprovider --confcutdir=. -o python_files='vllm_*.py' "$@"; }
 rc=0
-for f in vllm_config_checks.py vllm_tiny_llama.py vllm_tiny_qwen3.py vllm_partial.py vllm_serve.py; do
+# vLLM's CPU backend computes on one core per engine (VLLM_CPU_OMP_THREADS_BIND=auto binds one and reserves
+# the rest), so with two cores vllm_serve.py (a `vllm serve` server, ~90 s, mostly its start) runs beside
+# the four in-process files, each side bound to its own core
+read -r -a cpus <<< "$("$vpy" -c 'import os; print(*sorted(os.sched_getaffinity(0)))')"
+serve_pid=""
+if [ "${#cpus[@]}" -ge 2 ]; then
+  echo "[vllm-tests] vllm_serve.py on core ${cpus[1]}, beside the others on core ${cpus[0]} (log: $logs/serve_pytest.log)"
+  VLLM_CPU_OMP_THREADS_BIND=${cpus[1]} run vllm_serve.py "$@" > "$logs/serve_pytest.log" 2>&1 &
+  serve_pid=$!
+  export VLLM_CPU_OMP_THREADS_BIND=${cpus[0]}
+fi
+for f in vllm_config_checks.py vllm_tiny_llama.py vllm_tiny_qwen3.py vllm_partial.py; do
   echo "[vllm-tests] $f"
-  "$vpy" -m pytest -q -p no:cacheprovider --confcutdir=. -o python_files='vllm_*.py' "$f" "$@" || rc=1
+  run "$f" "$@" || rc=1
 done
+echo "[vllm-tests] vllm_serve.py"
+if [ -n "$serve_pid" ]; then
+  wait "$serve_pid" || rc=1
+  cat "$logs/serve_pytest.log"
+else
+  run vllm_serve.py "$@" || rc=1
+fi
 echo "[vllm-tests] stage took $(( $(date +%s) - start )) s (rc=$rc)"
 exit $rc

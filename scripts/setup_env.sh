@@ -32,7 +32,10 @@ echo "[setup] installing into $VENV ($mode stack)"
 env -u PIP_CONSTRAINT "$vpy" -m pip install -q --upgrade pip
 # CPU build of torch where a local wheel is provided (this workplace); any build of the locked version works.
 "$vpy" -m pip install -q "torch==2.13.0" || "$vpy" -m pip install -q "torch>=2.4"
-"$vpy" -m pip install -q -e ".[dev,eval]"
+# the editable build writes hf_hybrid_attn.egg-info into the tree: one build at a time (run_tests.sh
+# installs the vLLM venv, scripts/setup_vllm_env.sh, beside this one)
+locked() { if command -v flock > /dev/null; then flock "$root/.editable-install.lock" "$@"; else "$@"; fi; }
+locked "$vpy" -m pip install -q -e ".[dev,eval]"
 PYTHON="$vpy" bash scripts/install_assets.sh
 "$vpy" - <<'PY'
 import importlib.metadata as md

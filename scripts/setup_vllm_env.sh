@@ -28,7 +28,9 @@ vpy="$VENV/bin/python"
 "$vpy" -m pip uninstall -y -q torchvision torchaudio torchcodec >&2 2>/dev/null || true
 # this package, editable, without re-resolving its dependencies against vLLM's pins (transformers
 # 5.17-5.19 satisfies both); the OpenAI client for the `vllm serve` test
-"$vpy" -m pip install -q --no-deps -e . >&2
+# (one editable build at a time: scripts/setup_env.sh may be building in this tree, see there)
+locked() { if command -v flock > /dev/null; then flock "$root/.editable-install.lock" "$@"; else "$@"; fi; }
+locked "$vpy" -m pip install -q --no-deps -e . >&2
 "$vpy" -m pip install -q "openai>=1.0" "pytest>=8" >&2
 "$vpy" - >&2 <<'PY'
 import importlib.metadata as md
