@@ -69,4 +69,5 @@ if ! wait "$build_pid"; then
 fi
 trap - EXIT
 grep '^\[' "$build_log" || true
+rm -f "$vllm_log" "$build_log"
 bash scripts/run_vllm_tests.sh

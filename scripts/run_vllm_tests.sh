@@ -22,6 +22,7 @@ vpy=$(bash scripts/setup_vllm_env.sh | tail -n 1)
 wait "$build_pid" || { echo "[vllm-tests] the test checkpoints could not be built (above)"; exit 1; }
 trap - EXIT
 models=$(tail -n 1 "$built")
+rm -f "$built"
 logs="$venv_dir/cache/logs"
 mkdir -p "$logs"
 # one engine in the test process (no engine-core subprocess); small CPU caches (GiB)
