@@ -2,7 +2,7 @@
 
     python examples/reproduce_paper.py                 # the whole study (hours on 2 CPU cores)
     python examples/reproduce_paper.py --plan          # what it would run, and what is done already
-    python examples/reproduce_paper.py --smoke         # the same pipeline on a 2-layer cut (~5.5 min, 2 cores)
+    python examples/reproduce_paper.py --smoke         # the same pipeline on a 2-layer cut (4-5.5 min, 2 cores)
     python examples/reproduce_paper.py --report-only   # rebuild the tables and plots from what is done
 
 Question: does a LoLCATs conversion collapse onto its softmax window, and do HedgeCATs and SSD keep
