@@ -17,8 +17,8 @@ cd "$root"
 disk() { df -h "$root" "${TMPDIR:-/tmp}" 2>/dev/null | awk -v s="$1" 'NR > 1 {print "[tests] disk " s ": " $4 " free on " $6}' | sort -u; }
 disk "at start"
 # The vLLM venv (last stage) installs in the background from the start: pip works on one core, so beside
-# the main venv's install it costs no wall time (dev machine, 2 cores: main venv 186 s, vLLM venv 234 s,
-# both together 234 s).
+# the main venv's install it costs no wall time (dev machine, 2 cores: alone, main venv 188 s and vLLM
+# venv 235 s; started together, done at 186 s and 234 s).
 vllm_log=$(mktemp "${TMPDIR:-/tmp}/hf_hybrid_attn_vllm_setup.XXXXXX")
 bash scripts/setup_vllm_env.sh > "$vllm_log" 2>&1 &
 vllm_pid=$!
