@@ -22,7 +22,9 @@ disk "at start"
 vllm_log=$(mktemp "${TMPDIR:-/tmp}/hf_hybrid_attn_vllm_setup.XXXXXX")
 bash scripts/setup_vllm_env.sh > "$vllm_log" 2>&1 &
 vllm_pid=$!
-trap 'pkill -P "$vllm_pid" 2>/dev/null; kill "$vllm_pid" 2>/dev/null; true' EXIT
+# on an early exit, stop the background jobs (and their pip / python children)
+stop_background() { for p in ${vllm_pid:-} ${build_pid:-}; do pkill -P "$p" 2>/dev/null || true; kill "$p" 2>/dev/null || true; done; }
+trap stop_background EXIT
 echo "[tests] the vLLM venv installs in the background (log: $vllm_log)"
 bash scripts/setup_env.sh
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
@@ -40,7 +42,6 @@ disk "after the main suite"
 build_log=$(mktemp "${TMPDIR:-/tmp}/hf_hybrid_attn_vllm_models.XXXXXX")
 bash scripts/build_vllm_models.sh > "$build_log" 2>&1 &
 build_pid=$!
-trap 'for p in "$vllm_pid" "$build_pid"; do pkill -P "$p" 2>/dev/null; kill "$p" 2>/dev/null; done; true' EXIT
 echo "[tests] core suites on the oldest supported stack (transformers 5.17 + huggingface_hub 1.x)"
 compat=$(PYTHON="$vpy" bash scripts/install_compat.sh)
 PYTHONPATH="$compat" "$vpy" -c "$versions"

@@ -16,7 +16,7 @@ export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 
 built=$(mktemp "${TMPDIR:-/tmp}/hf_hybrid_attn_vllm_models.XXXXXX")
 bash scripts/build_vllm_models.sh > "$built" &
 build_pid=$!
-trap 'pkill -P "$build_pid" 2>/dev/null; kill "$build_pid" 2>/dev/null; true' EXIT
+trap 'pkill -P "$build_pid" 2>/dev/null || true; kill "$build_pid" 2>/dev/null || true' EXIT
 vpy=$(bash scripts/setup_vllm_env.sh | tail -n 1)
 [ "$(cd "$(dirname "$vpy")/.." && pwd)" = "$(cd "$venv_dir" && pwd)" ] || { echo "[vllm-tests] unexpected venv $vpy"; exit 1; }
 wait "$build_pid" || { echo "[vllm-tests] the test checkpoints could not be built (above)"; exit 1; }
