@@ -45,6 +45,26 @@ def test_chunked_matches_reference_all_modes(T, w):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m, n=name, md=mode: f"{md} d{n}: {m}")
 
 
+@pytest.mark.parametrize("T,w,chunk", [(1, 1, 64), (63, 16, 64), (65, 64, 64), (200, 5, 64), (200, 64, 16),
+                                         (1000, 64, 64), (130, 7, 3)])
+def test_inference_path_matches_reference(T, w, chunk):
+    """Without autograd the window branch takes its in-place path (`_window_branch_inference`, tiles
+    of min(chunk, 16) queries; with autograd, tiles of min(chunk, 32)): the same function as the
+    float64 reference at odd sizes, with GQA and left padding, in every mode; and the same as the
+    autograd path's forward."""
+    for mode, covers in [(m, False) for m in KERNEL_MODES] + [("hybrid", True)]:
+        args, valid = make_inputs(Tq=T, pad=min(9, T), requires_grad=False)
+        kw = dict(window=w, scale=0.35, mode=mode, linear_covers_window=covers, key_valid=valid, return_stats=True)
+        ref = hybrid_attention_reference(*args, **kw)
+        with torch.no_grad():
+            out = hybrid_attention_chunked(*args, **kw, chunk_size=chunk)
+        for a, b in zip(out, ref):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m, md=mode: f"{md}: {m}")
+        graded = hybrid_attention_chunked(*(t.clone().requires_grad_(True) for t in args), **kw, chunk_size=chunk)
+        for a, b in zip(out, graded):
+            torch.testing.assert_close(a, b.detach(), rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("Tq,Tk", [(1, 1), (1, 2), (1, 64), (1, 200), (3, 40), (16, 17), (16, 200), (17, 90)])
 @pytest.mark.parametrize("w", [1, 5, 64])
 def test_suffix_queries_match_reference_with_state(Tq, Tk, w):
