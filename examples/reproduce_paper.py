@@ -49,6 +49,11 @@ RECIPES = ("lolcats", "linear_only", "hedgecats", "ssd")
 MODES = ("hybrid", "swa_only", "linear_only")
 CORPORA = ("sotu", "austen")
 DATA_SEED = 0
+#: stage-1 checkpoint every N optimizer steps (`hf-hybrid convert --checkpoint-every`): the full study's
+#: stage 1 has 32 steps of about 25 s, above the default of 50, so without this an abrupt end of a
+#: sitting (no KeyboardInterrupt) lost the whole stage. Not part of the study's identity: it changes
+#: when state is saved, not what is computed.
+STAGE1_CHECKPOINT_EVERY = 4
 
 
 @dataclass(frozen=True)
@@ -177,7 +182,8 @@ class Runner:
                     "--data-seed", str(DATA_SEED), "--data", "sotu", "--out", str(target), "--resume",
                     "--set", f"finetune.eval_every={s.finetune_eval_every}",
                     "--set", f"finetune.eval_blocks={s.finetune_eval_blocks}",
-                    "--set", f"finetune.share_blocks={s.share_blocks}", "--max-val-blocks", str(s.max_val_blocks)]
+                    "--set", f"finetune.share_blocks={s.share_blocks}", "--max-val-blocks", str(s.max_val_blocks),
+                    "--checkpoint-every", str(STAGE1_CHECKPOINT_EVERY)]
             if s.num_layers:
                 argv += ["--num-layers", str(s.num_layers)]
             if c.softmax_sinks:

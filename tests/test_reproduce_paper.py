@@ -38,7 +38,9 @@ def study(tmp_path_factory):
 
 
 def test_every_conversion_and_evaluation_piece_is_there(study):
-    out, runs, _ = study
+    out, runs, log = study
+    converts = [line for line in log.splitlines() if "] convert " in line]
+    assert len(converts) == 13 and all(f"--checkpoint-every {rp.STAGE1_CHECKPOINT_EVERY} " in c for c in converts)
     res = json.loads((out / "results.json").read_text())
     names = [f"{r}_w{w}_s{s}" for w, seeds in ((64, (0, 1)), (16, (0,))) for s in seeds for r in RECIPES]
     arms = [n for n in res["models"] if "_sinks4_" in n]
