@@ -148,3 +148,39 @@ def test_seed_reaches_the_ssd_draws(assets, tmp_path):
     assert main(_argv(assets, out, "--recipe", "ssd", "--tokens", "1200", "--seed", "3")) == 0
     cfg = json.loads((out / "training_log.json").read_text())["recipe_config"]
     assert cfg["ssd"]["seed"] == 3 and cfg["finetune"]["seed"] == 3
+
+
+def test_sigterm_and_an_ignored_sigint_save_stage1_and_name_resume(assets, tmp_path):
+    """A conversion started in the background of a non-interactive shell has SIGINT ignored, and a
+    session that ends sends SIGTERM: either way stage 1 must save its finished steps (its periodic
+    checkpoint is set out of reach here) and the message must say how to continue."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    argv = _argv(assets, out, "--recipe", "hedgecats", "--tokens", "2M", "--checkpoint-every", "100000")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        err = tmp_path / f"err_{sig.name}.txt"
+        with open(err, "w") as f:
+            proc = subprocess.Popen([sys.executable, "-m", "hf_hybrid_attn.cli", *argv, *(["--resume"] if sig == signal.SIGINT else [])],
+                                    stderr=f, stdout=subprocess.DEVNULL,
+                                    env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+            deadline = time.time() + 300
+            while "[convert] data:" not in err.read_text() and time.time() < deadline and proc.poll() is None:
+                time.sleep(0.2)
+            time.sleep(4)  # stage 1 runs: tiny steps, many of them
+            proc.send_signal(sig)
+            rc = proc.wait(timeout=120)
+        text = err.read_text()
+        assert rc == 1, text[-3000:]
+        assert f"interrupted ({sig.name})" in text and "--resume" in text, text[-3000:]
+        state = torch.load(out / "checkpoints" / "stage1" / "stage1_state.pt", weights_only=False)
+        assert 0 < state["step"] < state["steps"]
+        if sig == signal.SIGTERM:
+            first = state["step"]
+        else:  # the second run resumed from the first one's checkpoint and went on
+            assert state["step"] > first

@@ -11,10 +11,13 @@ The output folder holds the converted (LoRA-merged) model and tokenizer, loadabl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -140,6 +143,29 @@ def _device(name: str):
     return dev
 
 
+@contextlib.contextmanager
+def _interrupt_on_signals():
+    """While a conversion trains, SIGTERM, and SIGINT even where it was ignored (a background job of a
+    non-interactive shell starts with SIGINT ignored), raise KeyboardInterrupt in the main thread, so
+    stage 1 saves its checkpoint (transfer.py) and `--resume` continues from the last finished step
+    (stage 2 keeps the Trainer's checkpoints of every eval). The previous handlers come back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, interrupt)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def run_convert(args) -> int:
     import torch
 
@@ -187,8 +213,13 @@ def run_convert(args) -> int:
     print(f"[convert] recipe {recipe.name}: {recipe.description}", file=sys.stderr)
     print(f"[convert] data: {data.info['train_blocks']} train / {data.info['val_blocks']} val blocks of "
           f"{data.seq_len} tokens from {data.info['source']!r}", file=sys.stderr)
-    model, log = run_recipe(model, recipe, data, args.out, tokens=args.tokens, resume=args.resume,
-                            progress=not args.no_progress)
+    try:
+        with _interrupt_on_signals():
+            model, log = run_recipe(model, recipe, data, args.out, tokens=args.tokens, resume=args.resume,
+                                    progress=not args.no_progress)
+    except KeyboardInterrupt as e:
+        raise SystemExit(f"[convert] interrupted ({e or 'SIGINT'}): the steps saved in {args.out!r}/checkpoints are kept; "
+                         "run the same command with --resume to continue") from None
     if args.no_merge and hasattr(model, "get_base_model"):
         from ..modeling import quiet_base_config_probe
 
