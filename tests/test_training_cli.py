@@ -1,7 +1,12 @@
 """`hf-hybrid convert` on a tiny model saved with a word-level tokenizer: output, log, resume, errors."""
 
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -154,18 +159,13 @@ def test_sigterm_and_an_ignored_sigint_save_stage1_and_name_resume(assets, tmp_p
     """A conversion started in the background of a non-interactive shell has SIGINT ignored, and a
     session that ends sends SIGTERM: either way stage 1 must save its finished steps (its periodic
     checkpoint is set out of reach here) and the message must say how to continue."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     out = tmp_path / "run"
     argv = _argv(assets, out, "--recipe", "hedgecats", "--tokens", "2M", "--checkpoint-every", "100000")
     for sig in (signal.SIGTERM, signal.SIGINT):
         err = tmp_path / f"err_{sig.name}.txt"
         with open(err, "w") as f:
-            proc = subprocess.Popen([sys.executable, "-m", "hf_hybrid_attn.cli", *argv, *(["--resume"] if sig == signal.SIGINT else [])],
+            resume = ["--resume"] if sig == signal.SIGINT else []
+            proc = subprocess.Popen([sys.executable, "-m", "hf_hybrid_attn.cli", *argv, *resume],
                                     stderr=f, stdout=subprocess.DEVNULL,
                                     env={**os.environ, "OMP_NUM_THREADS": "1"},
                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))

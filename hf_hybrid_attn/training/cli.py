@@ -218,7 +218,7 @@ def run_convert(args) -> int:
             model, log = run_recipe(model, recipe, data, args.out, tokens=args.tokens, resume=args.resume,
                                     progress=not args.no_progress)
     except KeyboardInterrupt as e:
-        raise SystemExit(f"[convert] interrupted ({e or 'SIGINT'}): the steps saved in {args.out!r}/checkpoints are kept; "
+        raise SystemExit(f"[convert] interrupted ({e}): the steps saved in {args.out!r}/checkpoints are kept; "
                          "run the same command with --resume to continue") from None
     if args.no_merge and hasattr(model, "get_base_model"):
         from ..modeling import quiet_base_config_probe
